@@ -1,0 +1,145 @@
+//! Capture: a waiting large request takes blocks as concurrent frees coalesce them.
+//!
+//! Seed 001 (Whitcroft, 2008) and Linux's `capture_control` (Gorman, 2019): when a large
+//! request cannot be served, the pieces that frees are coalescing for it would otherwise be
+//! eaten by concurrent small allocations before they ever merge. So the request registers
+//! here and parks; every free whose merging reaches its order hands the block over instead
+//! of listing it.
+//!
+//! # Protocol
+//! 1. **Publish.** The waiter builds its [`Request`] completely, then pushes it onto the
+//!    queue and raises `waiting`, both under the queue lock (Linux once published a
+//!    half-initialised slot).
+//! 2. **Re-check.** It then tries to allocate once more, touching every shard's lock. A
+//!    free that ran before the publish left its block on a list, which this finds; a free
+//!    that runs after it takes a shard lock the waiter released after raising `waiting`,
+//!    so it sees `waiting > 0` and offers its block here. No block slips between the two.
+//! 3. **Hand-off.** A free (holding its shard lock) calls [`CaptureRegistry::offer`]: the
+//!    oldest request whose order fits is removed from the queue and filled, under the queue
+//!    lock, and woken.
+//! 4. **Withdraw.** On timeout the waiter removes its request under the queue lock *before*
+//!    reading the result. If the request was already gone, a block was handed over in
+//!    between, and the waiter takes it rather than leaking it (Linux's second bug).
+//!
+//! Lock order: shard, then queue, then request. The free path's cost when nobody waits is
+//! one relaxed load of `waiting`.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use crate::frame_table::FrameIdx;
+use crate::sync::{Arc, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+
+/// One waiting request.
+pub(crate) struct Request {
+    order: u8,
+    filled: Mutex<Option<FrameIdx>>,
+    wake: Condvar,
+}
+
+/// Capture counters, read by `stats()`.
+#[derive(Default)]
+pub(crate) struct CaptureCounters {
+    pub(crate) captures: AtomicU64,
+    pub(crate) waits: AtomicU64,
+    pub(crate) timeouts: AtomicU64,
+    pub(crate) reclaim_rounds: AtomicU64,
+}
+
+/// The queue of waiting requests.
+pub(crate) struct CaptureRegistry {
+    /// `u8::MAX` when capture is off, so no order qualifies.
+    min_order: u8,
+    waiting: AtomicUsize,
+    queue: Mutex<VecDeque<Arc<Request>>>,
+    pub(crate) counters: CaptureCounters,
+}
+
+impl CaptureRegistry {
+    pub(crate) fn new(enabled: bool, min_order: u8) -> Self {
+        Self {
+            min_order: if enabled { min_order } else { u8::MAX },
+            waiting: AtomicUsize::new(0),
+            queue: Mutex::new(VecDeque::new()),
+            counters: CaptureCounters::default(),
+        }
+    }
+
+    /// Smallest order that may wait (`u8::MAX` when capture is off).
+    #[inline]
+    pub(crate) fn min_order(&self) -> u8 {
+        self.min_order
+    }
+
+    /// Whether any request waits. One relaxed load: the shard lock the caller holds
+    /// orders it after any publish that could matter (see the module docs).
+    #[inline]
+    pub(crate) fn has_waiters(&self) -> bool {
+        self.waiting.load(Ordering::Relaxed) != 0
+    }
+
+    /// Registers a request for a block of `order`.
+    pub(crate) fn publish(&self, order: u8) -> Arc<Request> {
+        let request = Arc::new(Request { order, filled: Mutex::new(None), wake: Condvar::new() });
+        let mut queue = self.queue.lock();
+        queue.push_back(request.clone());
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        request
+    }
+
+    /// Offers a free block of `order` at `idx`. If a request fits, it is filled with the
+    /// block's lower part of the requested order and woken; the caller then marks that part
+    /// allocated and frees the rest. Returns the order handed over.
+    ///
+    /// Called with the lock of the shard that owns `idx` held.
+    pub(crate) fn offer(&self, idx: FrameIdx, order: u8) -> Option<u8> {
+        let mut queue = self.queue.lock();
+        let pos = queue.iter().position(|r| r.order <= order)?;
+        let request = queue.remove(pos).expect("position is in range");
+        self.waiting.fetch_sub(1, Ordering::SeqCst);
+        *request.filled.lock() = Some(idx);
+        request.wake.notify_all();
+        drop(queue);
+        self.counters.captures.fetch_add(1, Ordering::Relaxed);
+        Some(request.order)
+    }
+
+    /// Waits until the request is filled or `deadline` passes. Does not withdraw.
+    pub(crate) fn wait(&self, request: &Request, deadline: Option<Instant>) -> Option<FrameIdx> {
+        let mut filled = request.filled.lock();
+        loop {
+            if let Some(idx) = filled.take() {
+                return Some(idx);
+            }
+            let remaining = match deadline {
+                Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+                None => Duration::from_secs(3600),
+            };
+            if remaining.is_zero() {
+                return None;
+            }
+            filled = request.wake.wait_timeout(filled, remaining);
+        }
+    }
+
+    /// Takes the request back. Returns a block that was handed over before the withdrawal
+    /// (the caller owns it), or `None` if the request was still queued.
+    pub(crate) fn withdraw(&self, request: &Arc<Request>) -> Option<FrameIdx> {
+        let mut queue = self.queue.lock();
+        if let Some(pos) = queue.iter().position(|r| Arc::ptr_eq(r, request)) {
+            queue.remove(pos);
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        drop(queue);
+        // Gone from the queue: `offer` filled it under the queue lock we just took.
+        let idx = request.filled.lock().take();
+        debug_assert!(idx.is_some(), "a withdrawn request left the queue only by being filled");
+        idx
+    }
+
+    /// Requests waiting right now.
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}

@@ -1,0 +1,348 @@
+//! Configuration: the builder, its defaults and why they were chosen.
+//!
+//! Every setter is a `const fn`, so a `#[global_allocator]` static can carry a whole
+//! configuration (see [`PoolAlloc::with_config`](crate::PoolAlloc::with_config)).
+
+use std::time::Duration;
+
+use crate::error::BuildError;
+use crate::hint::Advisor;
+use crate::{FRAME_SIZE, MAX_SHARDS, MAX_SUPPORTED_ORDER};
+
+/// Default largest block: order 10, a 4 MiB block. Two transparent huge pages per chunk,
+/// so hinting whole 2 MiB blocks never has to split a chunk's metadata.
+pub const DEFAULT_MAX_ORDER: u8 = 10;
+
+/// Where the pool's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// One private anonymous `mmap` reserved with `MAP_NORESERVE`: nothing is committed
+    /// until a block is touched, and hinting gives memory back with `madvise`.
+    Mmap,
+    /// A zeroed allocation from the Rust heap. Hinting is bookkeeping only (no `madvise`).
+    /// Meant for tests, Miri and loom, which cannot model `mmap`.
+    Heap,
+}
+
+/// What the hinter asks of the kernel for a cold free block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HintMode {
+    /// `MADV_FREE`: the kernel reclaims the pages only under memory pressure; until then a
+    /// reuse costs no fault. Hinted blocks have undefined contents. Shows up as `LazyFree`
+    /// in `/proc/self/smaps_rollup`, not as a drop in `Rss`.
+    Free,
+    /// `MADV_DONTNEED`: the pages go at once and `Rss` drops; the next touch faults in a zero
+    /// page, so hinted blocks become *known-zero*. For users whose monitoring reads `Rss`.
+    DontNeed,
+}
+
+/// Which free block an allocation takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AllocPolicy {
+    /// Unhinted (resident) blocks first, splitting a larger unhinted block before touching
+    /// a hinted one; hinted blocks next; known-zero blocks last. Freed blocks are reused
+    /// hot-first. This is the point of the crate.
+    PreferUnhinted,
+    /// One first-in, first-out queue per order that ignores hint state: the block free the
+    /// longest goes first. A baseline to measure the preference against.
+    Fifo,
+}
+
+/// Hinting settings. See [`PoolBuilder`] for the setters and defaults.
+#[derive(Clone, Copy)]
+pub(crate) struct HintConfig {
+    pub(crate) thread: bool,
+    pub(crate) min_order: Option<u8>,
+    pub(crate) delay: Duration,
+    pub(crate) pass_bytes: usize,
+    pub(crate) batch_blocks: usize,
+    pub(crate) interval: Duration,
+    pub(crate) high_water: usize,
+    pub(crate) mode: HintMode,
+    pub(crate) advisor: Option<&'static dyn Advisor>,
+}
+
+/// A pool configuration under construction. Start from [`PagePool::builder`](crate::PagePool::builder).
+///
+/// # Example
+/// ```
+/// use std::time::Duration;
+/// let pool = pagepool::PagePool::builder()
+///     .capacity(64 << 20)
+///     .max_order(9)
+///     .shards(2)
+///     .hint_thread(false)
+///     .hint_delay(Duration::from_millis(500))
+///     .build()?;
+/// assert_eq!(pool.capacity(), 64 << 20);
+/// # Ok::<(), pagepool::BuildError>(())
+/// ```
+#[derive(Clone, Copy)]
+pub struct PoolBuilder {
+    pub(crate) capacity: Option<usize>,
+    pub(crate) max_order: u8,
+    pub(crate) shards: Option<usize>,
+    pub(crate) backing: Backing,
+    pub(crate) huge_pages: bool,
+    pub(crate) policy: AllocPolicy,
+    pub(crate) hint: HintConfig,
+    pub(crate) capture: bool,
+    pub(crate) capture_min_order: u8,
+    pub(crate) cache_blocks: u32,
+    pub(crate) keep_chunks: u32,
+}
+
+impl std::fmt::Debug for PoolBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PoolBuilder")
+            .field("capacity", &self.capacity)
+            .field("max_order", &self.max_order)
+            .field("shards", &self.shards)
+            .field("backing", &self.backing)
+            .field("policy", &self.policy)
+            .field("hint_mode", &self.hint.mode)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for PoolBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl PoolBuilder {
+    /// The defaults, as listed on each setter.
+    pub const fn new() -> Self {
+        Self {
+            capacity: None,
+            max_order: DEFAULT_MAX_ORDER,
+            shards: None,
+            backing: Backing::Mmap,
+            huge_pages: false,
+            policy: AllocPolicy::PreferUnhinted,
+            hint: HintConfig {
+                thread: true,
+                min_order: None,
+                delay: Duration::from_secs(1),
+                pass_bytes: 64 << 20,
+                batch_blocks: 32,
+                interval: Duration::from_millis(100),
+                high_water: 1,
+                mode: HintMode::Free,
+                advisor: None,
+            },
+            capture: true,
+            capture_min_order: 3,
+            cache_blocks: 32,
+            keep_chunks: 2,
+        }
+    }
+
+    /// Bytes of address space to reserve. Default: the machine's physical memory, rounded
+    /// down to whole maximum-order blocks. The reservation is `MAP_NORESERVE`, so it costs
+    /// no memory until blocks are touched; a pool cannot usefully hand out more than the
+    /// machine has, and the frame table (16 bytes per 4 KiB frame, 0.4 %) is also only
+    /// touched where blocks are used. The capacity is rounded down to whole chunks.
+    pub const fn capacity(mut self, bytes: usize) -> Self {
+        self.capacity = Some(bytes);
+        self
+    }
+
+    /// The largest block is `4 KiB << max_order`. Default 10 (4 MiB); at most
+    /// [`MAX_SUPPORTED_ORDER`]. Each shard owns whole blocks of this size ("chunks").
+    pub const fn max_order(mut self, order: u8) -> Self {
+        self.max_order = order;
+        self
+    }
+
+    /// Number of buddy allocators. Default: `available_parallelism()`, one per CPU; a
+    /// thread uses the shard of the CPU it runs on.
+    pub const fn shards(mut self, shards: usize) -> Self {
+        self.shards = Some(shards);
+        self
+    }
+
+    /// Where memory comes from. Default [`Backing::Mmap`].
+    pub const fn backing(mut self, backing: Backing) -> Self {
+        self.backing = backing;
+        self
+    }
+
+    /// Ask for transparent huge pages on the region (`MADV_HUGEPAGE`). Default off: with
+    /// huge pages a single touched 4 KiB block can make 2 MiB resident; turn it on when
+    /// most blocks are large.
+    pub const fn huge_pages(mut self, on: bool) -> Self {
+        self.huge_pages = on;
+        self
+    }
+
+    /// Which free block an allocation takes. Default [`AllocPolicy::PreferUnhinted`].
+    pub const fn policy(mut self, policy: AllocPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    /// Start the background hinter thread (`pagepool-hinter`) with the pool. Default on.
+    /// Without it, call [`PagePool::hint_now`](crate::PagePool::hint_now) yourself.
+    pub const fn hint_thread(mut self, on: bool) -> Self {
+        self.hint.thread = on;
+        self
+    }
+
+    /// Smallest order the hinter gives back. Default 9 (2 MiB), so a transparent huge page
+    /// is never split; clamped to `max_order`. Lower it for pools with small maximum blocks.
+    pub const fn hint_min_order(mut self, order: u8) -> Self {
+        self.hint.min_order = Some(order);
+        self
+    }
+
+    /// How long a block must stay free before it is cold enough to hint. Default 1 s
+    /// (Linux reports after 2 s, mimalloc purges after 1 s): a block reused within the
+    /// delay never pays a refault.
+    pub const fn hint_delay(mut self, delay: Duration) -> Self {
+        self.hint.delay = delay;
+        self
+    }
+
+    /// Bytes hinted per pass at most. Default 64 MiB, the seed's batch: at the default
+    /// interval a 1 GiB burst goes back in about 1.6 s of passes.
+    pub const fn hint_pass_bytes(mut self, bytes: usize) -> Self {
+        self.hint.pass_bytes = bytes;
+        self
+    }
+
+    /// Blocks isolated under one lock hold. Default 32 (Linux's `PAGE_REPORTING_CAPACITY`);
+    /// bounds how long an allocation can wait behind the hinter.
+    pub const fn hint_batch_blocks(mut self, blocks: usize) -> Self {
+        self.hint.batch_blocks = blocks;
+        self
+    }
+
+    /// Pause between passes while work remains. Default 100 ms.
+    pub const fn hint_interval(mut self, interval: Duration) -> Self {
+        self.hint.interval = interval;
+        self
+    }
+
+    /// Wake the hinter when a shard holds this many unhinted free blocks at or above the
+    /// hint order. Default 1: any such block is eventually returned. A larger mark wakes
+    /// the thread less often but leaves up to `mark - 1` blocks per shard resident.
+    pub const fn hint_high_water(mut self, blocks: usize) -> Self {
+        self.hint.high_water = blocks;
+        self
+    }
+
+    /// `MADV_FREE` (default) or `MADV_DONTNEED`.
+    pub const fn hint_mode(mut self, mode: HintMode) -> Self {
+        self.hint.mode = mode;
+        self
+    }
+
+    /// Replace the `madvise` calls (testing hook, e.g. to inject failures).
+    #[doc(hidden)]
+    pub const fn advisor(mut self, advisor: &'static dyn Advisor) -> Self {
+        self.hint.advisor = Some(advisor);
+        self
+    }
+
+    /// Let frees hand coalesced blocks to waiting large requests. Default on.
+    pub const fn capture(mut self, on: bool) -> Self {
+        self.capture = on;
+        self
+    }
+
+    /// Smallest order that waits and captures. Default 3, the kernel's
+    /// `PAGE_ALLOC_COSTLY_ORDER`: smaller blocks are plentiful after any free.
+    pub const fn capture_min_order(mut self, order: u8) -> Self {
+        self.capture_min_order = order;
+        self
+    }
+
+    /// Freed blocks of orders 0..=3 each shard keeps unmerged, per order, for fast reuse
+    /// (Linux's per-CPU lists). Default 32; 0 disables the cache. Half is merged back
+    /// when the list overflows; all of it when an allocation would otherwise fail.
+    pub const fn cache_blocks(mut self, blocks: u32) -> Self {
+        self.cache_blocks = blocks;
+        self
+    }
+
+    /// Whole free chunks a shard keeps before giving surplus ones back to the shared pool.
+    /// Default 2: enough that a shard alternating between splitting and merging one chunk
+    /// does not bounce it through the shared lock.
+    pub const fn keep_chunks(mut self, chunks: u32) -> Self {
+        self.keep_chunks = chunks;
+        self
+    }
+
+    /// Checks the settings and fills in machine-dependent defaults.
+    pub(crate) fn resolve(&self) -> Result<Resolved, BuildError> {
+        if self.max_order > MAX_SUPPORTED_ORDER {
+            return Err(BuildError::MaxOrderTooLarge {
+                max_order: self.max_order,
+                limit: MAX_SUPPORTED_ORDER,
+            });
+        }
+        let chunk_bytes = FRAME_SIZE << self.max_order;
+        let capacity = match self.capacity {
+            Some(0) => return Err(BuildError::ZeroCapacity),
+            Some(bytes) => bytes,
+            None => physical_memory().max(chunk_bytes),
+        };
+        if capacity < chunk_bytes {
+            return Err(BuildError::CapacityTooSmall { capacity, min: chunk_bytes });
+        }
+        let chunks = capacity / chunk_bytes;
+        let frames = chunks as u64 * (1u64 << self.max_order);
+        if frames >= u32::MAX as u64 {
+            return Err(BuildError::CapacityTooLarge { capacity });
+        }
+        let shards = match self.shards {
+            Some(0) => return Err(BuildError::ZeroShards),
+            Some(n) => n,
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if shards > MAX_SHARDS {
+            return Err(BuildError::TooManyShards { shards });
+        }
+        let hint_min_order = self.hint.min_order.unwrap_or(9).min(self.max_order);
+        if self.hint.batch_blocks == 0 {
+            return Err(BuildError::InvalidSetting("hint_batch_blocks must be at least 1"));
+        }
+        if self.hint.high_water == 0 {
+            return Err(BuildError::InvalidSetting("hint_high_water must be at least 1"));
+        }
+        Ok(Resolved {
+            capacity: chunks * chunk_bytes,
+            chunks: chunks as u32,
+            max_order: self.max_order,
+            shards,
+            hint_min_order,
+            capture_min_order: self.capture_min_order,
+        })
+    }
+}
+
+/// A checked configuration with every default filled in.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Resolved {
+    pub(crate) capacity: usize,
+    pub(crate) chunks: u32,
+    pub(crate) max_order: u8,
+    pub(crate) shards: usize,
+    pub(crate) hint_min_order: u8,
+    pub(crate) capture_min_order: u8,
+}
+
+fn physical_memory() -> usize {
+    #[cfg(any(loom, miri))]
+    {
+        1 << 30
+    }
+    #[cfg(not(any(loom, miri)))]
+    {
+        // SAFETY: sysconf has no preconditions.
+        let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+        if pages <= 0 || page <= 0 { 1 << 30 } else { (pages as usize).saturating_mul(page as usize) }
+    }
+}

@@ -1,0 +1,171 @@
+//! Errors: one enum per operation, so a caller matches only what can happen to it.
+
+use std::fmt;
+
+/// Why [`PoolBuilder::build`](crate::PoolBuilder::build) refused a configuration or
+/// could not set the pool up.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// `capacity(0)` was requested.
+    ZeroCapacity,
+    /// The capacity does not hold even one block of the maximum order.
+    CapacityTooSmall {
+        /// Requested capacity in bytes.
+        capacity: usize,
+        /// The smallest capacity accepted: one maximum-order block.
+        min: usize,
+    },
+    /// The capacity needs more frames than the frame table can index (2^32 - 1).
+    CapacityTooLarge {
+        /// Requested capacity in bytes.
+        capacity: usize,
+    },
+    /// `max_order` is above [`MAX_SUPPORTED_ORDER`](crate::MAX_SUPPORTED_ORDER).
+    MaxOrderTooLarge {
+        /// Requested maximum order.
+        max_order: u8,
+        /// The largest supported maximum order.
+        limit: u8,
+    },
+    /// `shards(0)` was requested.
+    ZeroShards,
+    /// More shards than [`MAX_SHARDS`](crate::MAX_SHARDS).
+    TooManyShards {
+        /// Requested shard count.
+        shards: usize,
+    },
+    /// A hinting or capture setting is out of range (the message says which).
+    InvalidSetting(&'static str),
+    /// The operating system refused to map the region or the frame table.
+    Map(std::io::Error),
+    /// The background hinter thread could not be started.
+    SpawnHinter(std::io::Error),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroCapacity => write!(f, "pool capacity must be greater than zero"),
+            Self::CapacityTooSmall { capacity, min } => write!(
+                f,
+                "pool capacity {capacity} B is smaller than one maximum-order block ({min} B)"
+            ),
+            Self::CapacityTooLarge { capacity } => {
+                write!(f, "pool capacity {capacity} B needs more than 2^32-1 frames")
+            }
+            Self::MaxOrderTooLarge { max_order, limit } => {
+                write!(f, "max_order {max_order} is above the supported limit {limit}")
+            }
+            Self::ZeroShards => write!(f, "a pool needs at least one shard"),
+            Self::TooManyShards { shards } => {
+                write!(f, "{shards} shards requested, at most {} supported", crate::MAX_SHARDS)
+            }
+            Self::InvalidSetting(what) => write!(f, "invalid setting: {what}"),
+            Self::Map(err) => write!(f, "mapping the pool's memory failed: {err}"),
+            Self::SpawnHinter(err) => write!(f, "starting the hinter thread failed: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Map(err) | Self::SpawnHinter(err) => Some(err),
+            _ => None,
+        }
+    }
+}
+
+/// Why an allocation returned no block. The pool is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum AllocError {
+    /// The order is above the pool's maximum order.
+    OrderTooLarge {
+        /// Requested order.
+        order: u8,
+        /// The pool's maximum order.
+        max_order: u8,
+    },
+    /// No shard holds a free block of this order or larger.
+    Exhausted {
+        /// Requested order.
+        order: u8,
+    },
+    /// [`alloc_wait`](crate::PagePool::alloc_wait) waited its whole timeout.
+    Timeout {
+        /// Requested order.
+        order: u8,
+    },
+    /// [`alloc_with_reclaim`](crate::PagePool::alloc_with_reclaim): the callback could free
+    /// nothing more and no block of the order formed.
+    ReclaimFailed {
+        /// Requested order.
+        order: u8,
+        /// How many times the callback ran.
+        rounds: u32,
+    },
+    /// A byte size or alignment no block can satisfy (zero, or above the largest block).
+    UnsupportedLayout {
+        /// Requested size in bytes.
+        size: usize,
+        /// Requested alignment in bytes.
+        align: usize,
+    },
+}
+
+impl fmt::Display for AllocError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OrderTooLarge { order, max_order } => {
+                write!(f, "order {order} is above the pool's maximum order {max_order}")
+            }
+            Self::Exhausted { order } => write!(f, "no free block of order {order} or larger"),
+            Self::Timeout { order } => write!(f, "timed out waiting for a block of order {order}"),
+            Self::ReclaimFailed { order, rounds } => write!(
+                f,
+                "reclaim freed nothing more after {rounds} rounds and no block of order {order} formed"
+            ),
+            Self::UnsupportedLayout { size, align } => {
+                write!(f, "no block fits size {size} B with alignment {align} B")
+            }
+        }
+    }
+}
+
+impl std::error::Error for AllocError {}
+
+/// Why a free by pointer was refused. The pool is unchanged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FreeError {
+    /// The pointer is not inside this pool's region.
+    OutsideRegion,
+    /// The pointer is inside the region but not at the start of a block.
+    NotBlockStart,
+    /// The block at this address is already free.
+    AlreadyFree,
+    /// The order given by the caller differs from the order the frame table records.
+    WrongOrder {
+        /// The order the caller passed.
+        given: u8,
+        /// The order of the allocated block at that address.
+        actual: u8,
+    },
+}
+
+impl fmt::Display for FreeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutsideRegion => write!(f, "pointer is outside the pool's region"),
+            Self::NotBlockStart => write!(f, "pointer is not the start of an allocated block"),
+            Self::AlreadyFree => write!(f, "block is already free (double free)"),
+            Self::WrongOrder { given, actual } => {
+                write!(f, "block has order {actual}, not {given}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for FreeError {}

@@ -1,0 +1,229 @@
+//! Statistics: a snapshot of the lock-free counters, printable as a table.
+
+use std::fmt;
+
+use crate::pool::PoolCore;
+use crate::sync::Ordering::{Acquire, Relaxed};
+use crate::FRAME_SIZE;
+
+/// Counts for one order, summed over all shards and the shared pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OrderStats {
+    /// The order.
+    pub order: u8,
+    /// Bytes per block.
+    pub block_size: usize,
+    /// Free blocks (all kinds, cached ones included).
+    pub free: u64,
+    /// Free blocks that are resident and unhinted (cached ones included).
+    pub unhinted: u64,
+    /// Free blocks given back with `MADV_FREE`.
+    pub hinted: u64,
+    /// Free blocks known to read as zeros.
+    pub zero: u64,
+    /// Free blocks in the shards' small-block caches (unmerged).
+    pub cached: u64,
+    /// Blocks handed out.
+    pub allocated: u64,
+    /// Blocks the hinter holds while advising the kernel.
+    pub in_flight: u64,
+    /// Blocks that ever entered this order's free lists (monotonic).
+    pub freed_total: u64,
+    /// Blocks that ever left them (monotonic); `freed_total - bound_total == free`.
+    pub bound_total: u64,
+}
+
+/// Hinting counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct HintStats {
+    /// Passes run (by the thread or `hint_now`).
+    pub passes: u64,
+    /// `madvise` / `process_madvise` system calls.
+    pub madvise_calls: u64,
+    /// Bytes given back, in total.
+    pub bytes_hinted_total: u64,
+    /// Blocks given back, in total.
+    pub blocks_hinted_total: u64,
+    /// Blocks whose advice failed (they stayed unhinted).
+    pub failures: u64,
+    /// Panics caught in the advisor.
+    pub panics: u64,
+    /// Whether the hinter thread is listening.
+    pub thread_running: bool,
+}
+
+/// Capture counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CaptureStats {
+    /// Blocks handed from a free to a waiting request.
+    pub captures: u64,
+    /// Requests that parked.
+    pub waits: u64,
+    /// Requests that timed out.
+    pub timeouts: u64,
+    /// Rounds of reclaim callbacks.
+    pub reclaim_rounds: u64,
+    /// Requests waiting right now.
+    pub waiting: u64,
+}
+
+/// A snapshot of a pool's counters. Each counter is read atomically but not all at one
+/// instant, so under concurrent use the totals may be off by the operations in progress;
+/// at quiescence `free_bytes + allocated_bytes + in_flight_bytes == capacity`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Bytes of block memory.
+    pub capacity: usize,
+    /// Number of per-CPU shards.
+    pub shards: usize,
+    /// Bytes in allocated blocks.
+    pub allocated_bytes: u64,
+    /// Bytes in free blocks.
+    pub free_bytes: u64,
+    /// Bytes the hinter holds while advising.
+    pub in_flight_bytes: u64,
+    /// Free bytes given back with `MADV_FREE` (counted as `LazyFree` by the kernel).
+    pub hinted_bytes: u64,
+    /// Free bytes known to be zero (never touched, or `MADV_DONTNEED`).
+    pub zero_bytes: u64,
+    /// Free bytes in the small-block caches.
+    pub cached_bytes: u64,
+    /// Free bytes per shard (the shared pool of whole chunks last).
+    pub free_bytes_per_shard: Vec<u64>,
+    /// Per-order counts, order 0 first.
+    pub orders: Vec<OrderStats>,
+    /// Hinting.
+    pub hint: HintStats,
+    /// Capture.
+    pub capture: CaptureStats,
+}
+
+impl Stats {
+    pub(crate) fn collect(core: &PoolCore) -> Self {
+        let max = core.max_order();
+        let mut stats = Stats { capacity: core.resolved.capacity, shards: core.shard_count(), ..Default::default() };
+        stats.orders = (0..=max)
+            .map(|order| OrderStats { order, block_size: FRAME_SIZE << order, ..Default::default() })
+            .collect();
+        for shard in core.all_shards() {
+            let mut shard_free = 0;
+            for o in stats.orders.iter_mut() {
+                let c = &shard.counters[o.order as usize];
+                let free = c.free();
+                o.free += free;
+                o.unhinted += c.unhinted() + c.cached.load(Acquire);
+                o.hinted += c.hinted.load(Acquire);
+                o.zero += c.zero.load(Acquire);
+                o.cached += c.cached.load(Acquire);
+                o.allocated += c.allocated.load(Acquire);
+                o.in_flight += c.in_flight.load(Acquire);
+                o.freed_total += c.freed.load(Acquire);
+                o.bound_total += c.bound.load(Acquire);
+                shard_free += free * o.block_size as u64;
+            }
+            stats.free_bytes_per_shard.push(shard_free);
+        }
+        for o in &stats.orders {
+            let size = o.block_size as u64;
+            stats.allocated_bytes += o.allocated * size;
+            stats.free_bytes += o.free * size;
+            stats.in_flight_bytes += o.in_flight * size;
+            stats.hinted_bytes += o.hinted * size;
+            stats.zero_bytes += o.zero * size;
+            stats.cached_bytes += o.cached * size;
+        }
+        let h = &core.hint_counters;
+        stats.hint = HintStats {
+            passes: h.passes.load(Relaxed),
+            madvise_calls: h.madvise_calls.load(Relaxed),
+            bytes_hinted_total: h.bytes_hinted.load(Relaxed),
+            blocks_hinted_total: h.blocks_hinted.load(Relaxed),
+            failures: h.failures.load(Relaxed),
+            panics: h.panics.load(Relaxed),
+            thread_running: core.signal.listening(),
+        };
+        let c = &core.capture.counters;
+        stats.capture = CaptureStats {
+            captures: c.captures.load(Relaxed),
+            waits: c.waits.load(Relaxed),
+            timeouts: c.timeouts.load(Relaxed),
+            reclaim_rounds: c.reclaim_rounds.load(Relaxed),
+            waiting: core.capture.waiting() as u64,
+        };
+        stats
+    }
+
+    /// Free bytes that are resident: free minus hinted minus known-zero.
+    pub fn resident_free_bytes(&self) -> u64 {
+        self.free_bytes.saturating_sub(self.hinted_bytes + self.zero_bytes)
+    }
+}
+
+/// Formats a byte count with a binary unit.
+pub(crate) fn human(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+}
+
+impl fmt::Display for Stats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "pagepool: capacity {}, {} shards | allocated {} | free {} (hinted {}, zero {}, cached {}) | in flight {}",
+            human(self.capacity as u64),
+            self.shards,
+            human(self.allocated_bytes),
+            human(self.free_bytes),
+            human(self.hinted_bytes),
+            human(self.zero_bytes),
+            human(self.cached_bytes),
+            human(self.in_flight_bytes),
+        )?;
+        writeln!(
+            f,
+            "{:>5} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12}",
+            "order", "size", "allocated", "free", "unhinted", "hinted", "zero", "cached", "freed total"
+        )?;
+        for o in &self.orders {
+            if o.free == 0 && o.allocated == 0 && o.freed_total == 0 && o.in_flight == 0 {
+                continue;
+            }
+            writeln!(
+                f,
+                "{:>5} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12}",
+                o.order,
+                human(o.block_size as u64),
+                o.allocated,
+                o.free,
+                o.unhinted,
+                o.hinted,
+                o.zero,
+                o.cached,
+                o.freed_total
+            )?;
+        }
+        let h = &self.hint;
+        writeln!(
+            f,
+            "hinting: thread {}, {} passes, {} madvise calls, {} hinted in total, {} failures, {} panics",
+            if h.thread_running { "on" } else { "off" },
+            h.passes,
+            h.madvise_calls,
+            human(h.bytes_hinted_total),
+            h.failures,
+            h.panics
+        )?;
+        let c = &self.capture;
+        write!(
+            f,
+            "capture: {} captures, {} waits, {} timeouts, {} reclaim rounds, {} waiting",
+            c.captures, c.waits, c.timeouts, c.reclaim_rounds, c.waiting
+        )
+    }
+}

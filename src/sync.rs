@@ -1,0 +1,124 @@
+//! The only module that names `std::sync` or `loom`.
+//!
+//! Every other module imports atomics, locks and threads from here, so a build with
+//! `RUSTFLAGS="--cfg loom"` swaps all of them for loom's model-checked versions at once
+//! and the loom models in `loom-tests/` drive the real code.
+//!
+//! Two things loom cannot model are also routed through here: the clock (models see a
+//! clock that never moves, which keeps executions deterministic) and the CPU number
+//! (models pick shards explicitly).
+
+#[cfg(loom)]
+pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize};
+#[cfg(not(loom))]
+pub(crate) use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize};
+
+#[cfg(loom)]
+pub(crate) use loom::sync::Arc;
+#[cfg(not(loom))]
+pub(crate) use std::sync::Arc;
+
+pub(crate) use std::sync::atomic::Ordering;
+
+#[cfg(loom)]
+use loom::sync as imp;
+#[cfg(not(loom))]
+use std::sync as imp;
+
+/// A mutex that ignores poisoning.
+///
+/// Every critical section in the crate leaves the data it guards consistent before it
+/// can panic (a panic can only come from a hook such as a failing advisor, and those run
+/// with no lock held), so a panic elsewhere must not make the pool unusable.
+pub(crate) struct Mutex<T>(imp::Mutex<T>);
+
+/// The guard of [`Mutex`].
+pub(crate) type MutexGuard<'a, T> = imp::MutexGuard<'a, T>;
+
+impl<T> Mutex<T> {
+    pub(crate) fn new(value: T) -> Self {
+        Self(imp::Mutex::new(value))
+    }
+
+    #[inline]
+    pub(crate) fn lock(&self) -> MutexGuard<'_, T> {
+        self.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// A condition variable that ignores poisoning, paired with [`Mutex`].
+pub(crate) struct Condvar(imp::Condvar);
+
+impl Condvar {
+    pub(crate) fn new() -> Self {
+        Self(imp::Condvar::new())
+    }
+
+    /// Waits until notified or `timeout` passes; may wake spuriously.
+    ///
+    /// loom's timed wait never times out, so models only call this where a notification
+    /// is certain or pass a zero timeout to callers that then skip the wait.
+    pub(crate) fn wait_timeout<'a, T>(
+        &self,
+        guard: MutexGuard<'a, T>,
+        timeout: std::time::Duration,
+    ) -> MutexGuard<'a, T> {
+        match self.0.wait_timeout(guard, timeout) {
+            Ok((guard, _)) => guard,
+            Err(poisoned) => poisoned.into_inner().0,
+        }
+    }
+
+    /// Waits until notified; may wake spuriously.
+    pub(crate) fn wait<'a, T>(&self, guard: MutexGuard<'a, T>) -> MutexGuard<'a, T> {
+        self.0.wait(guard).unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub(crate) fn notify_all(&self) {
+        self.0.notify_all();
+    }
+}
+
+/// Tells a spinning loop to let others run (loom: lets the model schedule another thread).
+#[inline]
+pub(crate) fn spin_hint() {
+    #[cfg(loom)]
+    loom::thread::yield_now();
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+}
+
+/// Milliseconds since an arbitrary process-wide start, as a wrapping `u32`.
+///
+/// Only free blocks at or above the hint order read it, so its cost (a vDSO call) stays
+/// off the small-block path. Under loom it is always 0.
+#[inline]
+pub(crate) fn now_ms() -> u32 {
+    #[cfg(loom)]
+    {
+        0
+    }
+    #[cfg(not(loom))]
+    {
+        use std::sync::OnceLock;
+        use std::time::Instant;
+        static START: OnceLock<Instant> = OnceLock::new();
+        let start = *START.get_or_init(Instant::now);
+        start.elapsed().as_millis() as u32
+    }
+}
+
+/// The CPU this thread runs on, as a hint (it may move at any time). 0 under loom.
+#[inline]
+pub(crate) fn current_cpu() -> usize {
+    #[cfg(loom)]
+    {
+        0
+    }
+    #[cfg(not(loom))]
+    {
+        // SAFETY: sched_getcpu has no preconditions; glibc answers from rseq or the vDSO.
+        let cpu = unsafe { libc::sched_getcpu() };
+        if cpu < 0 { 0 } else { cpu as usize }
+    }
+}
