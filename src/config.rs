@@ -259,9 +259,12 @@ impl PoolBuilder {
         self
     }
 
-    /// Freed blocks of orders 0..=3 each shard keeps unmerged, per order, for fast reuse
-    /// (Linux's per-CPU lists). Default 32; 0 disables the cache. Half is merged back
-    /// when the list overflows; all of it when an allocation would otherwise fail.
+    /// Freed blocks each shard keeps unmerged, per order, for fast reuse (Linux's per-CPU
+    /// lists): `blocks` for orders 0..=3, half as many for each order above, at least one,
+    /// none at the maximum order. Default 32 (at most about 9 MiB per shard with 4 MiB
+    /// chunks); 0 disables the cache. Half is merged back when a list overflows; all of it
+    /// when an allocation would otherwise fail, when capture waits, and before each
+    /// hinting pass, so cached memory never escapes hinting for long.
     pub const fn cache_blocks(mut self, blocks: u32) -> Self {
         self.cache_blocks = blocks;
         self

@@ -329,13 +329,20 @@ pub(crate) fn run_pass(target: &impl HintTarget, cold_ms: Option<u32>, budget_by
             classes.clear();
             classes.extend(ok.iter().map(|&ok| ok.then_some(success_class)));
             target.return_isolated(shard, &batch, &classes);
+            let mut failed = false;
             for (&(_, len), &ok) in ranges.iter().zip(&ok) {
                 if ok {
                     outcome.blocks += 1;
                     outcome.bytes += len as u64;
                 } else {
                     outcome.failures += 1;
+                    failed = true;
                 }
+            }
+            if failed {
+                // Failed blocks are back on the lists, unhinted: retry them in a later
+                // pass, not in a loop now.
+                break;
             }
             if budget_frames < 1 << target.min_order() {
                 outcome.budget_spent = true;

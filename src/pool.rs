@@ -52,6 +52,8 @@ pub(crate) struct PoolCore {
     advisor: &'static dyn Advisor,
     pub(crate) config: PoolBuilder,
     pub(crate) resolved: Resolved,
+    /// Blocks each order's small-block cache may hold.
+    cache_limits: [u32; crate::shard::ORDERS],
 }
 
 impl PoolCore {
@@ -83,11 +85,12 @@ impl PoolCore {
             advisor,
             config: *config,
             resolved,
+            cache_limits: cache_limits(config.cache_blocks, resolved.max_order),
         })
     }
 
     #[inline]
-    fn env(&self) -> Env<'_> {
+    pub(crate) fn env(&self) -> Env<'_> {
         Env {
             table: &self.table,
             shared: &self.shared,
@@ -96,7 +99,7 @@ impl PoolCore {
             policy: self.config.policy,
             max_order: self.resolved.max_order,
             hint_min_order: self.resolved.hint_min_order,
-            cache_blocks: self.config.cache_blocks,
+            cache_limits: &self.cache_limits,
             keep_chunks: self.config.keep_chunks,
         }
     }
@@ -196,7 +199,7 @@ impl PoolCore {
         for i in 0..n {
             let mut shard = self.shards[(home + i) % n].lock(env);
             shard.drain_cache(0);
-            if let Some(found) = shard.alloc(order, prefs) {
+            if let Some(found) = shard.alloc_thorough(order, prefs) {
                 return Ok(found);
             }
         }
@@ -297,10 +300,13 @@ impl PoolCore {
 
     pub(crate) fn alloc_wait(&self, order: u8, timeout: Duration) -> Result<Block, AllocError> {
         match self.alloc_block(order, false, None) {
-            Err(AllocError::Exhausted { .. }) if order >= self.capture.min_order() => {}
+            Err(AllocError::Exhausted { .. }) if order >= self.resolved.capture_min_order => {}
             other => return other,
         }
         let deadline = Instant::now().checked_add(timeout);
+        if order < self.capture.min_order() {
+            return self.poll_until(order, deadline);
+        }
         let (request, block) = self.publish_and_recheck(order);
         if let Some(block) = block {
             return Ok(block);
@@ -315,6 +321,27 @@ impl PoolCore {
             None => {
                 self.capture.counters.timeouts.fetch_add(1, Ordering::Relaxed);
                 Err(AllocError::Timeout { order })
+            }
+        }
+    }
+
+    /// Capture switched off: retry with backoff until the deadline, as a caller without
+    /// capture would. The baseline that capture is measured against.
+    fn poll_until(&self, order: u8, deadline: Option<Instant>) -> Result<Block, AllocError> {
+        self.capture.counters.waits.fetch_add(1, Ordering::Relaxed);
+        let backoff = crossbeam_utils::Backoff::new();
+        loop {
+            if let Ok(block) = self.alloc_block(order, false, None) {
+                return Ok(block);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                self.capture.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                return Err(AllocError::Timeout { order });
+            }
+            if backoff.is_completed() {
+                std::thread::sleep(Duration::from_micros(50));
+            } else {
+                backoff.snooze();
             }
         }
     }
@@ -447,6 +474,16 @@ impl PoolCore {
     }
 }
 
+/// `blocks` per order up to order 3, halving with each order above (at least one), none at
+/// the maximum order: a shard caches at most about 9 MiB with the defaults.
+fn cache_limits(blocks: u32, max_order: u8) -> [u32; crate::shard::ORDERS] {
+    std::array::from_fn(|order| match order {
+        _ if blocks == 0 || order >= max_order as usize => 0,
+        0..=3 => blocks,
+        _ => (blocks >> (order - 3)).max(1),
+    })
+}
+
 // === impl HintTarget for PoolCore ===
 
 impl HintTarget for PoolCore {
@@ -464,7 +501,10 @@ impl HintTarget for PoolCore {
     ) -> Isolation {
         let env = self.env();
         let shard = self.shards.get(shard).map_or(&*self.shared, |s| &**s);
-        shard.lock(&env).isolate(self.resolved.hint_min_order, cold_ms, max_blocks, budget_frames, out)
+        let mut shard = shard.lock(&env);
+        // Cached blocks are free memory too: merge them so they can be hinted.
+        shard.drain_cache(0);
+        shard.isolate(self.resolved.hint_min_order, cold_ms, max_blocks, budget_frames, out)
     }
 
     fn return_isolated(&self, shard: usize, blocks: &[(FrameIdx, u8)], classes: &[Option<FreeClass>]) {
@@ -789,8 +829,10 @@ impl PagePool {
     }
 
     /// Waits up to `timeout` for a block of `order`, capturing one as concurrent frees
-    /// coalesce it. Orders below the capture minimum (default 3), or any order with
-    /// capture off, never wait: they fail at once when the pool is exhausted.
+    /// coalesce it. Orders below the capture minimum (default 3) never wait: they fail at
+    /// once when the pool is exhausted. With capture switched off
+    /// ([`PoolBuilder::capture`]), the request retries with backoff until the deadline
+    /// instead, competing with every other allocation for the pieces.
     ///
     /// Waiters of one order are served first come, first served; a free that merges into a
     /// larger block than a waiter needs hands over the lower part and frees the rest.

@@ -4,8 +4,9 @@
 //! - per order and [`FreeClass`], a doubly linked list of free blocks threaded through the
 //!   frame table, plus a bitmask per class of which orders have a non-empty list, so
 //!   finding the smallest fitting block is one `trailing_zeros`;
-//! - per small order (0..=3), a cache of freed blocks that are not merged (Linux's per-CPU
-//!   lists): a free followed by an allocation of the same size touches one list head;
+//! - per order below the maximum, a small cache of freed blocks that are not merged (Linux's
+//!   per-CPU lists, which since 5.13 also cover the THP order): a free followed by an
+//!   allocation of the same size touches one list head instead of merging and splitting;
 //! - for the shared shard only, the range of chunks never handed out ("fresh"), whose frame
 //!   entries have never been written.
 //!
@@ -26,8 +27,8 @@ use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
 
 /// Orders with list heads: 0..=MAX_SUPPORTED_ORDER (smaller under loom, to keep models small).
 pub(crate) const ORDERS: usize = crate::MAX_SUPPORTED_ORDER as usize + 1;
-/// Orders 0..CACHE_ORDERS have a cache of unmerged blocks.
-pub(crate) const CACHE_ORDERS: usize = 4;
+/// Every order below the maximum can have a cache of unmerged blocks.
+pub(crate) const CACHE_ORDERS: usize = ORDERS;
 
 /// Allocation preference for ordinary allocations.
 pub(crate) const PREFER_RESIDENT: [FreeClass; CLASSES] = [FreeClass::Unhinted, FreeClass::Hinted, FreeClass::Zero];
@@ -152,7 +153,8 @@ pub(crate) struct Env<'a> {
     pub(crate) policy: AllocPolicy,
     pub(crate) max_order: u8,
     pub(crate) hint_min_order: u8,
-    pub(crate) cache_blocks: u32,
+    /// Blocks each order's cache may hold (0: no cache).
+    pub(crate) cache_limits: &'a [u32; ORDERS],
     pub(crate) keep_chunks: u32,
 }
 
@@ -187,6 +189,18 @@ impl Shard {
     #[inline]
     pub(crate) fn lock<'a>(&'a self, env: &'a Env<'a>) -> Locked<'a> {
         Locked { lists: self.lists.lock(), shard: self, env }
+    }
+
+    /// Whether the counters (read without the lock) show a free block of `order` and
+    /// `class` (any class under FIFO). A hint: the caller still takes the lock to look.
+    fn may_hold(&self, class: FreeClass, order: u8, policy: AllocPolicy) -> bool {
+        let c = &self.counters[order as usize];
+        match (policy, class) {
+            (AllocPolicy::Fifo, _) => c.free() > 0,
+            (_, FreeClass::Unhinted) => c.unhinted() > 0,
+            (_, FreeClass::Hinted) => c.hinted.load(Ordering::Acquire) > 0,
+            (_, FreeClass::Zero) => c.zero.load(Ordering::Acquire) > 0,
+        }
     }
 
     /// Unhinted free blocks at or above the hint order, from the counters (no lock).
@@ -309,24 +323,19 @@ impl<'a> Locked<'a> {
         true
     }
 
-    /// Takes the best free block of at least `order` from this shard's buddy lists,
-    /// without splitting. Returns it with its order and class.
-    fn take_free(&mut self, order: u8, prefs: &[FreeClass; CLASSES]) -> Option<(FrameIdx, u8, FreeClass)> {
+    /// Takes a free block of at least `order` and of `class` (any class under FIFO) from
+    /// this shard's buddy lists, without splitting. Returns it with its order and class.
+    fn take_free(&mut self, order: u8, class: FreeClass) -> Option<(FrameIdx, u8, FreeClass)> {
+        let list = self.list(class);
         loop {
-            let found = match self.env.policy {
-                AllocPolicy::PreferUnhinted => prefs.iter().find_map(|&class| {
-                    let list = class as usize;
-                    self.smallest_nonempty(list, order).map(|o| (o, list))
-                }),
-                AllocPolicy::Fifo => self.smallest_nonempty(0, order).map(|o| (o, 0)),
-            };
-            if let Some((o, list)) = found {
+            if let Some(o) = self.smallest_nonempty(list, order) {
                 let idx = FrameIdx(self.lists.head[o as usize][list]);
                 let class = self.env.table.frame(idx).state().free_class().expect("listed block is free");
                 self.unlink(idx, o, class);
                 return Some((idx, o, class));
             }
-            if !self.materialize_fresh() {
+            let fresh_fits = class == FreeClass::Zero || self.env.policy == AllocPolicy::Fifo;
+            if !(fresh_fits && self.materialize_fresh()) {
                 return None;
             }
         }
@@ -351,8 +360,10 @@ impl<'a> Locked<'a> {
 
     // --- allocation --------------------------------------------------------------------
 
-    /// Allocates from this shard: the small-block cache, then the buddy lists, then a
-    /// chunk from the shared pool. Returns the block and the class it had while free.
+    /// Allocates from this shard: the small-block cache, then for each class in order of
+    /// preference this shard's lists and then a whole chunk of that class from the shared
+    /// pool. Returns the block and the class it had while free.
+    #[inline]
     pub(crate) fn alloc(&mut self, order: u8, prefs: &[FreeClass; CLASSES]) -> Option<(FrameIdx, FreeClass)> {
         if prefs[0] != FreeClass::Zero
             && let Some(idx) = self.cache_pop(order)
@@ -360,28 +371,51 @@ impl<'a> Locked<'a> {
             self.mark_allocated(idx, order);
             return Some((idx, FreeClass::Unhinted));
         }
-        if let Some(found) = self.alloc_buddy(order, prefs) {
-            return Some(found);
-        }
-        if self.shard.id != ShardId::Shared && self.refill(prefs) {
-            return self.alloc_buddy(order, prefs);
+        // FIFO keeps one queue per order, so one round covers every class.
+        let classes = if self.env.policy == AllocPolicy::Fifo { &prefs[..1] } else { &prefs[..] };
+        for &class in classes {
+            if let Some(found) = self.alloc_class(order, class) {
+                return Some(found);
+            }
+            if self.shard.id != ShardId::Shared && self.refill(class, true) {
+                return self.alloc_class(order, class);
+            }
         }
         None
     }
 
-    /// Allocates from the buddy lists only.
-    pub(crate) fn alloc_buddy(&mut self, order: u8, prefs: &[FreeClass; CLASSES]) -> Option<(FrameIdx, FreeClass)> {
-        let (idx, from, class) = self.take_free(order, prefs)?;
+    /// Like [`alloc`](Self::alloc) without the cache, and looking into the shared pool
+    /// under its lock even when its counters say it is empty: the last resort before an
+    /// allocation fails.
+    pub(crate) fn alloc_thorough(&mut self, order: u8, prefs: &[FreeClass; CLASSES]) -> Option<(FrameIdx, FreeClass)> {
+        let classes = if self.env.policy == AllocPolicy::Fifo { &prefs[..1] } else { &prefs[..] };
+        for &class in classes {
+            if let Some(found) = self.alloc_class(order, class) {
+                return Some(found);
+            }
+            if self.shard.id != ShardId::Shared && self.refill(class, false) {
+                return self.alloc_class(order, class);
+            }
+        }
+        None
+    }
+
+    fn alloc_class(&mut self, order: u8, class: FreeClass) -> Option<(FrameIdx, FreeClass)> {
+        let (idx, from, class) = self.take_free(order, class)?;
         let idx = self.split(idx, from, order, class);
         self.mark_allocated(idx, order);
         Some((idx, class))
     }
 
-    /// Moves one whole free chunk from the shared pool into this shard.
-    fn refill(&mut self, prefs: &[FreeClass; CLASSES]) -> bool {
+    /// Moves one whole free chunk of `class` (any class under FIFO) from the shared pool
+    /// into this shard.
+    fn refill(&mut self, class: FreeClass, check_counters: bool) -> bool {
         let env = self.env;
+        if check_counters && !env.shared.may_hold(class, env.max_order, env.policy) {
+            return false; // a lock-free look saves taking the shared lock in vain
+        }
         let mut shared = env.shared.lock(env);
-        let Some((idx, order, class)) = shared.take_free(env.max_order, prefs) else {
+        let Some((idx, order, class)) = shared.take_free(env.max_order, class) else {
             return false;
         };
         debug_assert_eq!(order, env.max_order);
@@ -396,7 +430,7 @@ impl<'a> Locked<'a> {
     #[inline]
     fn cache_pop(&mut self, order: u8) -> Option<FrameIdx> {
         let o = order as usize;
-        if o >= CACHE_ORDERS || self.lists.cache_head[o] == NIL {
+        if self.lists.cache_head[o] == NIL {
             return None;
         }
         let idx = FrameIdx(self.lists.cache_head[o]);
@@ -422,7 +456,7 @@ impl<'a> Locked<'a> {
 
     /// Merges cached blocks back into the buddy lists: `keep` per order stay cached.
     pub(crate) fn drain_cache(&mut self, keep: u32) {
-        for order in 0..CACHE_ORDERS as u8 {
+        for order in 0..self.env.max_order {
             while self.lists.cache_len[order as usize] > keep {
                 let idx = self.cache_pop(order).expect("cache length says non-empty");
                 self.insert_free(idx, order, FreeClass::Unhinted);
@@ -448,12 +482,12 @@ impl<'a> Locked<'a> {
         let o = order as usize;
         // The one extra cost of capture when nobody waits: a relaxed load.
         let capture_waiting = self.env.capture.has_waiters();
-        if o < CACHE_ORDERS && self.env.cache_blocks > 0 && !capture_waiting {
+        let limit = self.env.cache_limits[o];
+        if limit > 0 && !capture_waiting {
             self.cache_push(idx, order);
-            if self.lists.cache_len[o] > self.env.cache_blocks {
+            if self.lists.cache_len[o] > limit {
                 // Merge the older half back so the cache keeps the hottest blocks.
-                let keep = self.env.cache_blocks / 2;
-                self.drain_cache_order(order, keep);
+                self.drain_cache_order(order, limit / 2);
             }
             return;
         }
@@ -725,7 +759,7 @@ impl<'a> Locked<'a> {
                     return Err(format!("{me:?}: tail of order {order} list {list} is wrong"));
                 }
             }
-            if o < CACHE_ORDERS {
+            {
                 let mut cursor = lists.cache_head[o];
                 let mut len = 0;
                 while cursor != NIL {

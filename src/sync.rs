@@ -90,32 +90,32 @@ pub(crate) fn spin_hint() {
 
 /// Milliseconds since an arbitrary process-wide start, as a wrapping `u32`.
 ///
-/// Only free blocks at or above the hint order read it, so its cost (a vDSO call) stays
-/// off the small-block path. Under loom it is always 0.
+/// Only free blocks at or above the hint order read it, and it reads the coarse
+/// monotonic clock (a few ns from the vDSO, a few ms of resolution: plenty for delays of
+/// a second). Under loom it is always 0.
 #[inline]
 pub(crate) fn now_ms() -> u32 {
-    #[cfg(loom)]
+    #[cfg(any(loom, miri))]
     {
         0
     }
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, miri)))]
     {
-        use std::sync::OnceLock;
-        use std::time::Instant;
-        static START: OnceLock<Instant> = OnceLock::new();
-        let start = *START.get_or_init(Instant::now);
-        start.elapsed().as_millis() as u32
+        let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+        // SAFETY: `ts` is a valid timespec to write to.
+        unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+        (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000) as u32
     }
 }
 
-/// The CPU this thread runs on, as a hint (it may move at any time). 0 under loom.
+/// The CPU this thread runs on, as a hint (it may move at any time). 0 under loom and Miri.
 #[inline]
 pub(crate) fn current_cpu() -> usize {
-    #[cfg(loom)]
+    #[cfg(any(loom, miri))]
     {
         0
     }
-    #[cfg(not(loom))]
+    #[cfg(not(any(loom, miri)))]
     {
         // SAFETY: sched_getcpu has no preconditions; glibc answers from rseq or the vDSO.
         let cpu = unsafe { libc::sched_getcpu() };

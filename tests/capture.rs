@@ -1,0 +1,303 @@
+//! Capture: waiting requests take blocks as concurrent frees coalesce them.
+
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use pagepool::{AllocError, Block, PagePool, PoolBuilder};
+
+const CHUNK: usize = 4 << 20;
+
+fn pool(chunks: usize, shards: usize) -> PoolBuilder {
+    PagePool::builder()
+        .capacity(chunks * CHUNK)
+        .max_order(10)
+        .shards(shards)
+        .cache_blocks(0)
+        .hint_thread(false)
+}
+
+/// Allocates every block of `order` the pool has.
+fn fill(pool: &PagePool, order: u8) -> Vec<Block> {
+    let mut blocks = Vec::new();
+    while let Ok(block) = pool.alloc(order) {
+        blocks.push(block);
+    }
+    assert_eq!(pool.alloc(0).map(|b| pool.free(b)), Err(AllocError::Exhausted { order: 0 }));
+    blocks
+}
+
+fn assert_all_free(pool: &PagePool) {
+    pool.drain_caches();
+    pool.check_consistency().unwrap();
+    let s = pool.stats();
+    assert_eq!(s.free_bytes, s.capacity as u64, "a block leaked:\n{s}");
+    assert_eq!(s.capture.waiting, 0);
+}
+
+#[test]
+fn a_free_on_another_thread_and_shard_hands_the_block_over() {
+    let pool = pool(2, 2).build().unwrap();
+    // Chunk 0 goes to shard 0, chunk 1 to shard 1, both cut into order-9 halves.
+    let mut shard0: Vec<Block> = (0..2).map(|_| pool.alloc_on(0, 9).unwrap()).collect();
+    let mut shard1: Vec<Block> = (0..2).map(|_| pool.alloc_on(1, 9).unwrap()).collect();
+    assert!(pool.alloc(0).is_err());
+    let target = shard1[0].as_ptr() as usize;
+    let got = std::thread::scope(|s| {
+        let waiter = s.spawn(|| pool.alloc_wait(9, Duration::from_secs(10)));
+        while pool.stats().capture.waiting == 0 {
+            std::thread::yield_now();
+        }
+        // Freed on another thread, into shard 1, while the waiter's thread may run anywhere.
+        s.spawn(|| pool.free(shard1.remove(0))).join().unwrap();
+        waiter.join().unwrap()
+    })
+    .expect("the waiter gets the freed block");
+    assert_eq!(got.as_ptr() as usize, target, "the very block that was freed");
+    assert_eq!(pool.stats().capture.captures, 1);
+    pool.free(got);
+    for b in shard0.drain(..).chain(shard1.drain(..)) {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn a_larger_coalesced_block_is_split_and_the_rest_freed() {
+    let pool = pool(1, 1).build().unwrap();
+    let mut blocks = fill(&pool, 3); // 128 blocks of 32 KiB
+    let got = std::thread::scope(|s| {
+        let waiter = s.spawn(|| pool.alloc_wait(5, Duration::from_secs(10)));
+        while pool.stats().capture.waiting == 0 {
+            std::thread::yield_now();
+        }
+        // Free the first 16 order-3 blocks: they coalesce up to order 7; the waiter takes
+        // the lower order-5 part and orders 5 and 6 are freed.
+        for b in blocks.drain(..16) {
+            pool.free(b);
+        }
+        waiter.join().unwrap()
+    })
+    .expect("captured");
+    assert_eq!(got.order(), 5);
+    let s = pool.stats();
+    assert_eq!(s.capture.captures, 1);
+    assert_eq!(s.orders[5].free + s.orders[6].free, 2, "the remainder is free:\n{s}");
+    assert_eq!(s.free_bytes, (16 * 32 - 128) << 10);
+    pool.free(got);
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn timeout_with_a_block_arriving_at_the_deadline_leaks_nothing() {
+    let pool = pool(1, 1).build().unwrap();
+    let mut blocks = fill(&pool, 9);
+    let (mut ok, mut timeouts) = (0, 0);
+    for round in 0..40 {
+        let timeout = Duration::from_millis(5);
+        let barrier = Barrier::new(2);
+        let result = std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                barrier.wait();
+                pool.alloc_wait(9, timeout)
+            });
+            barrier.wait();
+            // Free right around the deadline: a little before, at, or after it.
+            std::thread::sleep(timeout + Duration::from_micros(250 * (round % 8)) - Duration::from_millis(1));
+            pool.free(blocks.pop().unwrap());
+            waiter.join().unwrap()
+        });
+        match result {
+            Ok(block) => {
+                ok += 1;
+                blocks.push(block);
+            }
+            Err(AllocError::Timeout { order: 9 }) => {
+                timeouts += 1;
+                // The block was not captured, so it is on a free list: take it back.
+                blocks.push(pool.alloc(9).expect("the freed block is free, not lost"));
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+        let s = pool.stats();
+        assert_eq!(s.allocated_bytes, 2 * (2 << 20), "round {round}: a block leaked or doubled:\n{s}");
+        assert_eq!(s.capture.waiting, 0);
+    }
+    println!("{ok} captured, {timeouts} timed out");
+    assert_eq!(pool.stats().capture.timeouts, timeouts);
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn several_waiters_of_one_order_are_served_first_come_first_served() {
+    let pool = pool(2, 1).build().unwrap();
+    let mut blocks = fill(&pool, 9); // 4 halves
+    let served = AtomicUsize::new(0);
+    let results = std::thread::scope(|s| {
+        let mut waiters = Vec::new();
+        for i in 0..3 {
+            let (pool, served) = (&pool, &served);
+            waiters.push(s.spawn(move || {
+                let block = pool.alloc_wait(9, Duration::from_secs(10)).unwrap();
+                (i, served.fetch_add(1, Ordering::SeqCst), block)
+            }));
+            // Register in order 0, 1, 2.
+            while pool.stats().capture.waiting < i as u64 + 1 {
+                std::thread::yield_now();
+            }
+        }
+        let mut freed = Vec::new();
+        for _ in 0..3 {
+            let b = blocks.pop().unwrap();
+            freed.push(b.as_ptr() as usize);
+            pool.free(b);
+        }
+        let got: Vec<_> = waiters.into_iter().map(|w| w.join().unwrap()).collect();
+        (freed, got)
+    });
+    let (freed, got) = results;
+    for (i, _, block) in &got {
+        assert_eq!(block.as_ptr() as usize, freed[*i], "waiter {i} should get the {i}th freed block");
+    }
+    for (_, _, b) in got {
+        pool.free(b);
+    }
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn waiters_of_different_orders_wait_at_once() {
+    let pool = pool(1, 1).build().unwrap();
+    let mut blocks = fill(&pool, 0);
+    let (a, b) = std::thread::scope(|s| {
+        let big = s.spawn(|| pool.alloc_wait(8, Duration::from_secs(10)));
+        while pool.stats().capture.waiting < 1 {
+            std::thread::yield_now();
+        }
+        let small = s.spawn(|| pool.alloc_wait(3, Duration::from_secs(10)));
+        while pool.stats().capture.waiting < 2 {
+            std::thread::yield_now();
+        }
+        // Frames 0..8 coalesce to order 3 (too small for the older order-8 request, so the
+        // order-3 one gets it), then frames 256..512 coalesce to order 8.
+        let mut rest = blocks.split_off(8);
+        let upper: Vec<Block> = rest.drain(248..504).collect();
+        for b in blocks.drain(..).chain(upper) {
+            pool.free(b);
+        }
+        blocks = rest;
+        (big.join().unwrap(), small.join().unwrap())
+    });
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.order(), b.order()), (8, 3));
+    pool.free(a);
+    pool.free(b);
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn reclaim_callback_that_frees_in_pieces_gets_its_block() {
+    let pool = pool(1, 1).build().unwrap();
+    let mut owned = fill(&pool, 0); // the buffer manager's pages
+    // Evict in allocation order, 8 frames per round: the block forms after 4 rounds.
+    owned.reverse();
+    let block = pool
+        .alloc_with_reclaim(5, || {
+            for _ in 0..8 {
+                match owned.pop() {
+                    Some(b) => pool.free(b),
+                    None => return false,
+                }
+            }
+            true
+        })
+        .unwrap();
+    assert_eq!(block.order(), 5);
+    let s = pool.stats();
+    assert_eq!(s.capture.reclaim_rounds, 4);
+    assert_eq!(s.capture.captures, 1);
+    assert_eq!(s.free_bytes, 0, "nothing else freed: the block went straight to the reclaimer");
+    pool.free(block);
+    for b in owned {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn reclaim_that_cannot_succeed_reports_it() {
+    let pool = pool(1, 1).build().unwrap();
+    let blocks = fill(&pool, 0);
+    let mut rounds = 0;
+    let err = pool
+        .alloc_with_reclaim(4, || {
+            rounds += 1;
+            rounds < 3 // "evicts" twice without freeing anything, then gives up
+        })
+        .unwrap_err();
+    assert_eq!(err, AllocError::ReclaimFailed { order: 4, rounds: 2 });
+    assert_eq!(pool.stats().capture.waiting, 0, "the request was withdrawn");
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn small_orders_never_wait() {
+    let pool = pool(1, 1).build().unwrap();
+    let blocks = fill(&pool, 0);
+    let start = Instant::now();
+    assert_eq!(pool.alloc_wait(2, Duration::from_secs(10)).unwrap_err(), AllocError::Exhausted { order: 2 });
+    assert!(start.elapsed() < Duration::from_secs(5), "an order below the capture minimum waited");
+    assert_eq!(pool.stats().capture.waits, 0);
+    for b in blocks {
+        pool.free(b);
+    }
+}
+
+#[test]
+fn with_capture_off_a_waiter_polls_until_its_deadline() {
+    let pool = pool(1, 1).capture(false).build().unwrap();
+    let mut blocks = fill(&pool, 9);
+    assert_eq!(pool.alloc_wait(9, Duration::from_millis(20)).unwrap_err(), AllocError::Timeout { order: 9 });
+    let got = std::thread::scope(|s| {
+        let waiter = s.spawn(|| pool.alloc_wait(9, Duration::from_secs(10)));
+        std::thread::sleep(Duration::from_millis(20));
+        pool.free(blocks.pop().unwrap());
+        waiter.join().unwrap()
+    });
+    let got = got.expect("polling finds the freed block");
+    let s = pool.stats();
+    assert_eq!(s.capture.captures, 0, "capture is off");
+    assert_eq!(s.capture.timeouts, 1);
+    pool.free(got);
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn wait_returns_at_once_when_a_block_is_free() {
+    let pool = pool(1, 1).build().unwrap();
+    let block = pool.alloc_wait(9, Duration::from_secs(10)).unwrap();
+    assert_eq!(pool.stats().capture.waits, 0);
+    pool.free(block);
+    assert_eq!(
+        pool.alloc_wait(11, Duration::from_secs(1)).unwrap_err(),
+        AllocError::OrderTooLarge { order: 11, max_order: 10 }
+    );
+}
