@@ -235,7 +235,6 @@ pub(crate) struct FrameTable {
     frames: crate::region::MetaArray<Frame>,
     /// 0 = shared (so a fresh, zeroed table puts every chunk there), i + 1 = shard i.
     owners: crate::region::MetaArray<AtomicU32>,
-    max_order: u8,
 }
 
 impl FrameTable {
@@ -244,7 +243,6 @@ impl FrameTable {
         Ok(Self {
             frames: crate::region::MetaArray::new(frames, backing, true, |_| Frame::new())?,
             owners: crate::region::MetaArray::new(chunks as usize, backing, true, |_| AtomicU32::new(0))?,
-            max_order,
         })
     }
 
@@ -263,11 +261,6 @@ impl FrameTable {
     #[inline]
     pub(crate) fn chunks(&self) -> u32 {
         self.owners.len() as u32
-    }
-
-    #[inline]
-    pub(crate) fn max_order(&self) -> u8 {
-        self.max_order
     }
 
     /// The chunk's owner. Read without a lock: the caller locks that owner and reads again.

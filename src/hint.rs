@@ -185,14 +185,20 @@ impl HintSignal {
         }
     }
 
-    pub(crate) fn state(&self) -> u8 {
-        self.state.load(Ordering::Acquire)
-    }
-
-    /// Marks the thread as started (again, after `stop_listening`).
+    /// Marks the thread as started (again, after `stop`), with a pass requested: a thread
+    /// stopped mid-pass left the state active, and the new one must not wait for a wake-up
+    /// that the old state would swallow.
     pub(crate) fn start_listening(&self) {
         *self.stop.lock() = false;
+        self.state.store(REQUESTED, Ordering::Release);
         self.listening.store(true, Ordering::Release);
+    }
+
+    /// Takes the wake-up lock, for holding across `fork` (after the shard locks, which is
+    /// the order frees take them in).
+    #[cfg(not(loom))]
+    pub(crate) fn lock_for_fork(&self) -> crate::sync::MutexGuard<'_, bool> {
+        self.stop.lock()
     }
 
     /// Asks the thread to exit.
@@ -381,5 +387,10 @@ pub(crate) fn hinter_main(target: &impl HintTarget, signal: &HintSignal) {
             }
         }
         signal.finish();
+        // Rate limit: frees that request a pass while one runs (or right after) are served
+        // an interval later, so a busy allocator cannot keep the thread spinning.
+        if !signal.pause(config.interval) {
+            return;
+        }
     }
 }

@@ -30,7 +30,7 @@
 //! # Design
 //! Each idea lives in one module:
 //!
-//! - [`region`](crate::region) (private): the mapping, reserved with `MAP_NORESERVE` and
+//! - `region`: the mapping, reserved with `MAP_NORESERVE` and
 //!   aligned to the largest block, so a block's address says where its buddy is.
 //! - `frame_table`: out-of-band metadata, 16 bytes per 4 KiB frame: list links, state and
 //!   order of each block head, and when a large block became free. Nothing is ever written
@@ -41,10 +41,34 @@
 //!   by allocating from other shards, frees routed to the chunk's owner.
 //! - `hint`: the hinter thread and its isolate / advise / return protocol.
 //! - `capture`: the queue of waiting requests and the hand-off protocol.
-//! - `stats`, `config`, `error`, and `sync`, the facade that swaps `std` for `loom`.
+//! - `stats`, `config`, `error`, `process_memory` (honest `Rss - LazyFree` readings), and
+//!   `sync`, the facade that swaps `std` for `loom`.
+//! - `global`: [`PoolAlloc`], the pool as a `#[global_allocator]`: small requests to a
+//!   fallback allocator, routing of frees by address, lazy allocation-free set-up, a
+//!   re-entrancy guard, in-place `realloc`, and `fork` handlers.
+//! - `allocator_api` (feature `allocator-api2`, on by default): `allocator_api2::Allocator`
+//!   for [`PagePool`] (so `&PagePool`) and [`PoolAlloc`], for `hashbrown` and
+//!   `allocator_api2::vec::Vec`.
 //!
 //! Data flows one way: the adapter calls the pool, the pool picks a shard, the shard edits
 //! the frame table; the hinter and capture hook into the shard through narrow functions.
+//!
+//! # For JIT runtimes
+//! A JIT can take its code blocks from a pool of its own (see `examples/jit_code.rs`):
+//!
+//! - Write the code while the block is read+write, then `mprotect` it to read+execute
+//!   before calling into it (and flush the instruction cache on architectures that need
+//!   it). Never keep a block writable and executable at once.
+//! - Each protection change splits the pool's mapping into separate kernel VMAs (at most
+//!   `vm.max_map_count`, 65530 by default, per process): protect whole blocks, and prefer
+//!   few larger code blocks to many small ones.
+//! - **Restore read+write before freeing a block.** The pool hands the block out again to
+//!   code that will write to it, and the hinter's `madvise` and later merges treat it as
+//!   ordinary memory.
+//! - A pool dedicated to code keeps code blocks near each other: every block lies inside
+//!   one region, so with a capacity up to 2 GiB any two blocks are within reach of x86-64
+//!   `rel32` calls and jumps (and, up to 128 MiB, of AArch64 `BL`), without a mixed pool's
+//!   data blocks in between.
 //!
 //! # Invariants
 //! - Every frame is either the head of exactly one block (free, cached, allocated or
@@ -55,12 +79,17 @@
 
 #![warn(missing_docs)]
 
+#[cfg(all(feature = "allocator-api2", not(loom)))]
+mod allocator_api;
 mod capture;
 mod config;
 mod error;
 mod frame_table;
+#[cfg(not(loom))]
+mod global;
 mod hint;
 mod pool;
+mod process_memory;
 mod region;
 mod shard;
 mod stats;
@@ -68,9 +97,12 @@ mod sync;
 
 pub use config::{AllocPolicy, Backing, DEFAULT_MAX_ORDER, HintMode, PoolBuilder};
 pub use error::{AllocError, BuildError, FreeError};
+#[cfg(not(loom))]
+pub use global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
 #[doc(hidden)]
 pub use hint::Advisor;
 pub use pool::{Block, HintReport, PagePool};
+pub use process_memory::{ProcessMemory, minor_faults};
 pub use stats::{CaptureStats, HintStats, OrderStats, Stats};
 
 /// log2 of [`FRAME_SIZE`].

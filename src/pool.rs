@@ -42,7 +42,8 @@ static NEXT_POOL_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32
 /// The allocator proper: region, frame table, shards, capture queue, hint signal.
 pub(crate) struct PoolCore {
     id: u32,
-    region: Region,
+    /// Unmapped on drop only when no block is allocated: see `impl Drop for PoolCore`.
+    region: std::mem::ManuallyDrop<Region>,
     table: FrameTable,
     shards: MetaArray<CachePadded<Shard>>,
     shared: CachePadded<Shard>,
@@ -76,7 +77,7 @@ impl PoolCore {
         Ok(Self {
             id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             shared: CachePadded::new(Shard::new(ShardId::Shared, resolved.chunks, resolved.max_order)),
-            region,
+            region: std::mem::ManuallyDrop::new(region),
             table,
             shards,
             capture: CaptureRegistry::new(config.capture, resolved.capture_min_order),
@@ -202,6 +203,11 @@ impl PoolCore {
             if let Some(found) = shard.alloc_thorough(order, prefs) {
                 return Ok(found);
             }
+        }
+        // The shared pool holds pieces smaller than a chunk only when capture took part of
+        // a chunk that the hinter returned there: they are free memory too.
+        if let Some(found) = self.shared.lock(env).alloc_thorough(order, prefs) {
+            return Ok(found);
         }
         Err(AllocError::Exhausted { order })
     }
@@ -484,6 +490,23 @@ fn cache_limits(blocks: u32, max_order: u8) -> [u32; crate::shard::ORDERS] {
     })
 }
 
+impl Drop for PoolCore {
+    fn drop(&mut self) {
+        let allocated: u64 = self
+            .all_shards()
+            .flat_map(|s| s.counters.iter())
+            .map(|c| c.allocated.load(Ordering::Acquire) + c.in_flight.load(Ordering::Acquire))
+            .sum();
+        if allocated == 0 {
+            // SAFETY: dropped once, here, and nothing refers into the region any more: no
+            // block is allocated, and the pool itself is going away.
+            unsafe { std::mem::ManuallyDrop::drop(&mut self.region) };
+        }
+        // Otherwise live `Block`s still point into the region. They are safe handles, so
+        // their memory must stay valid: the region is leaked instead of unmapped.
+    }
+}
+
 // === impl HintTarget for PoolCore ===
 
 impl HintTarget for PoolCore {
@@ -547,6 +570,9 @@ impl HintTarget for PoolCore {
 ///
 /// The contents of a new block are unspecified (old data, or zeros if the kernel reclaimed
 /// a hinted page) unless it came from [`PagePool::alloc_zeroed`].
+///
+/// A block stays valid memory even if its pool is dropped first: a pool dropped with
+/// blocks still allocated leaks its region rather than unmapping it.
 #[derive(Debug)]
 #[must_use = "a Block that is dropped stays allocated; free it with PagePool::free"]
 pub struct Block {
@@ -720,8 +746,9 @@ impl PagePool {
     /// Allocates the smallest block that holds `bytes`.
     ///
     /// # Errors
-    /// [`AllocError::UnsupportedLayout`] for zero bytes or more than the largest block;
-    /// otherwise as [`alloc`](Self::alloc).
+    /// [`AllocError::UnsupportedLayout`] for zero bytes or more than any pool's largest
+    /// block (`block_size(MAX_SUPPORTED_ORDER)`); [`AllocError::OrderTooLarge`] when the
+    /// size needs an order above this pool's maximum; otherwise as [`alloc`](Self::alloc).
     pub fn alloc_bytes(&self, bytes: usize) -> Result<Block, AllocError> {
         match crate::order_for(bytes, 1) {
             Some(order) if bytes > 0 => self.alloc(order),
@@ -873,11 +900,16 @@ impl PagePool {
         if slot.is_some() {
             return Ok(());
         }
+        // Requests a first pass too: anything freed before the thread listened deserves one.
         self.core.signal.start_listening();
         let core = self.core.clone();
-        let handle = spawn_hinter(move || hint::hinter_main(&*core, &core.signal))?;
-        // Anything freed before the thread listened deserves a pass.
-        self.core.signal.request();
+        let handle = match spawn_hinter(move || hint::hinter_main(&*core, &core.signal)) {
+            Ok(handle) => handle,
+            Err(err) => {
+                self.core.signal.stop();
+                return Err(err);
+            }
+        };
         *slot = Some(handle);
         Ok(())
     }

@@ -40,7 +40,7 @@ unsafe impl Sync for Region {}
 impl Region {
     /// Reserves `len` bytes aligned to `align` (a power of two, at least 4 KiB).
     pub(crate) fn new(len: usize, align: usize, backing: Backing, huge_pages: bool) -> io::Result<Self> {
-        debug_assert!(align.is_power_of_two() && len % align == 0);
+        debug_assert!(align.is_power_of_two() && len.is_multiple_of(align));
         match backing {
             #[cfg(not(any(loom, miri)))]
             Backing::Mmap => Self::map(len, align, huge_pages),
@@ -90,12 +90,6 @@ impl Region {
     #[inline]
     pub(crate) fn base(&self) -> NonNull<u8> {
         self.base
-    }
-
-    /// Bytes in the aligned span.
-    #[inline]
-    pub(crate) fn len(&self) -> usize {
-        self.len
     }
 
     /// Offset of `ptr` from the base, if `ptr` lies inside the span.

@@ -181,10 +181,6 @@ impl Shard {
         shard
     }
 
-    pub(crate) fn id(&self) -> ShardId {
-        self.id
-    }
-
     /// Takes the lock.
     #[inline]
     pub(crate) fn lock<'a>(&'a self, env: &'a Env<'a>) -> Locked<'a> {
@@ -315,11 +311,12 @@ impl<'a> Locked<'a> {
         self.lists.fresh_next += 1;
         let max = self.env.max_order;
         let head = chunk.head(max);
-        // `push` counts the block; undo that, since fresh chunks were counted at build.
-        self.push(head, max, FreeClass::Zero);
+        // `push` counts the block, but fresh chunks were counted at build: uncount it
+        // first, so a lock-free reader never sees it counted twice (`stats()` over capacity).
         let top = self.counters(max);
         bump(&top.freed, DEC);
         bump(&top.zero, DEC);
+        self.push(head, max, FreeClass::Zero);
         true
     }
 
@@ -483,7 +480,9 @@ impl<'a> Locked<'a> {
         // The one extra cost of capture when nobody waits: a relaxed load.
         let capture_waiting = self.env.capture.has_waiters();
         let limit = self.env.cache_limits[o];
-        if limit > 0 && !capture_waiting {
+        // The shared pool has no cache: nothing would drain it (it holds a block smaller than
+        // a chunk only when capture took part of a chunk returning from the hinter).
+        if limit > 0 && !capture_waiting && self.shard.id != ShardId::Shared {
             self.cache_push(idx, order);
             if self.lists.cache_len[o] > limit {
                 // Merge the older half back so the cache keeps the hottest blocks.

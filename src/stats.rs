@@ -109,16 +109,24 @@ impl Stats {
             let mut shard_free = 0;
             for o in stats.orders.iter_mut() {
                 let c = &shard.counters[o.order as usize];
-                let free = c.free();
+                // Each counter read once, and the gauges clamped to the free count: every
+                // order of a snapshot taken while the shard changes is self-consistent
+                // (free == freed_total - bound_total == unhinted + hinted + zero,
+                // cached <= unhinted) and never above the capacity.
+                let (bound, freed) = free_pair(c, (core.resolved.capacity / o.block_size) as u64);
+                let free = freed - bound;
+                let hinted = c.hinted.load(Acquire).min(free);
+                let zero = c.zero.load(Acquire).min(free - hinted);
+                let cached = c.cached.load(Acquire).min(free - hinted - zero);
                 o.free += free;
-                o.unhinted += c.unhinted() + c.cached.load(Acquire);
-                o.hinted += c.hinted.load(Acquire);
-                o.zero += c.zero.load(Acquire);
-                o.cached += c.cached.load(Acquire);
+                o.unhinted += free - hinted - zero;
+                o.hinted += hinted;
+                o.zero += zero;
+                o.cached += cached;
                 o.allocated += c.allocated.load(Acquire);
                 o.in_flight += c.in_flight.load(Acquire);
-                o.freed_total += c.freed.load(Acquire);
-                o.bound_total += c.bound.load(Acquire);
+                o.freed_total += freed;
+                o.bound_total += bound;
                 shard_free += free * o.block_size as u64;
             }
             stats.free_bytes_per_shard.push(shard_free);
@@ -131,6 +139,19 @@ impl Stats {
             stats.hinted_bytes += o.hinted * size;
             stats.zero_bytes += o.zero * size;
             stats.cached_bytes += o.cached * size;
+        }
+        // Orders are read one after another, so a block that moved between orders (split,
+        // merge) while they were read can count twice: keep every total within capacity.
+        let cap = stats.capacity as u64;
+        for total in [
+            &mut stats.allocated_bytes,
+            &mut stats.free_bytes,
+            &mut stats.in_flight_bytes,
+            &mut stats.hinted_bytes,
+            &mut stats.zero_bytes,
+            &mut stats.cached_bytes,
+        ] {
+            *total = (*total).min(cap);
         }
         let h = &core.hint_counters;
         stats.hint = HintStats {
@@ -156,6 +177,25 @@ impl Stats {
     /// Free bytes that are resident: free minus hinted minus known-zero.
     pub fn resident_free_bytes(&self) -> u64 {
         self.free_bytes.saturating_sub(self.hinted_bytes + self.zero_bytes)
+    }
+}
+
+/// A `(bound, freed)` pair that the shard's counters held at one instant, so `freed -
+/// bound` is a free count the shard really had (never more blocks than fit in `max_blocks`).
+///
+/// Only the shard's lock holder writes the counters, with release stores. `bound` is read
+/// before and after `freed`: if it did not move, the `freed` read was stored while `bound`
+/// had that value (a later `freed` store would carry the newer `bound` with it). If `bound`
+/// keeps moving, after a few tries the last pair is clamped instead.
+fn free_pair(c: &crate::shard::OrderCounters, max_blocks: u64) -> (u64, u64) {
+    let mut tries = 0;
+    loop {
+        let bound = c.bound.load(Acquire);
+        let freed = c.freed.load(Acquire);
+        tries += 1;
+        if c.bound.load(Acquire) == bound || tries == 8 {
+            return (bound, freed.clamp(bound, bound + max_blocks));
+        }
     }
 }
 

@@ -79,15 +79,6 @@ impl Condvar {
     }
 }
 
-/// Tells a spinning loop to let others run (loom: lets the model schedule another thread).
-#[inline]
-pub(crate) fn spin_hint() {
-    #[cfg(loom)]
-    loom::thread::yield_now();
-    #[cfg(not(loom))]
-    std::hint::spin_loop();
-}
-
 /// Milliseconds since an arbitrary process-wide start, as a wrapping `u32`.
 ///
 /// Only free blocks at or above the hint order read it, and it reads the coarse

@@ -147,7 +147,6 @@ fn fifo_policy_takes_the_oldest_free_block() {
 
     let preferred = quiet(3).build().unwrap();
     let blocks: Vec<Block> = (0..3).map(|_| preferred.alloc(10).unwrap()).collect();
-    let addrs: Vec<usize> = blocks.iter().map(|b| b.as_ptr() as usize).collect();
     for b in blocks {
         preferred.free(b);
     }

@@ -1,0 +1,437 @@
+//! The allocators under test, behind one small trait so every workload is generic
+//! (monomorphised per allocator: no dynamic dispatch in the timed loops).
+
+use std::alloc::{GlobalAlloc, Layout};
+use std::ptr::NonNull;
+
+use pagepool::{AllocPolicy, HintMode, PagePool};
+
+/// An allocator of naturally aligned blocks of `4 KiB << order` bytes.
+pub trait PageAlloc: Sync {
+    /// What the allocator needs back to free a block.
+    type Handle: Send;
+    /// Allocates a block of `order`, aligned to its size; `None` when out of memory.
+    fn alloc(&self, order: u8) -> Option<Self::Handle>;
+    /// First byte of the block.
+    fn ptr(handle: &Self::Handle) -> *mut u8;
+    /// Frees a block.
+    ///
+    /// # Safety
+    /// `handle` must come from `alloc(order)` of this allocator and not be freed yet.
+    unsafe fn free(&self, handle: Self::Handle, order: u8);
+}
+
+/// Bytes in a block of `order`.
+pub fn size_of_order(order: u8) -> usize {
+    4096usize << order
+}
+
+fn layout(order: u8) -> Layout {
+    let size = size_of_order(order);
+    Layout::from_size_align(size, size).expect("power-of-two layout")
+}
+
+/// Which allocator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// pagepool with the default configuration (hinter thread on).
+    Pagepool,
+    /// glibc `posix_memalign` / `free`.
+    System,
+    /// mimalloc, `mi_malloc_aligned` through its `GlobalAlloc`.
+    Mimalloc,
+    /// jemalloc (`tikv-jemallocator`), `mallocx` with alignment through its `GlobalAlloc`.
+    Jemalloc,
+    /// lgalloc, 2 MiB and larger.
+    Lgalloc,
+    /// `buddy_system_allocator::LockedHeap` over one mapping of the pool's size.
+    Buddy,
+    /// One `mmap` per block (over-mapped and trimmed to the block's alignment), `munmap`.
+    Mmap,
+}
+
+/// Every allocator, in table order.
+pub const ALL: [Kind; 7] = [
+    Kind::Pagepool,
+    Kind::System,
+    Kind::Mimalloc,
+    Kind::Jemalloc,
+    Kind::Lgalloc,
+    Kind::Buddy,
+    Kind::Mmap,
+];
+
+impl Kind {
+    /// Short name used in tables and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Pagepool => "pagepool",
+            Kind::System => "system",
+            Kind::Mimalloc => "mimalloc",
+            Kind::Jemalloc => "jemalloc",
+            Kind::Lgalloc => "lgalloc",
+            Kind::Buddy => "buddy_sys",
+            Kind::Mmap => "mmap",
+        }
+    }
+
+    /// Parses a name from [`Kind::name`].
+    pub fn parse(s: &str) -> Option<Kind> {
+        ALL.iter().copied().find(|k| k.name() == s)
+    }
+
+    /// Whether the allocator serves blocks of `order`.
+    pub fn supports(self, order: u8) -> bool {
+        self != Kind::Lgalloc || order >= 9
+    }
+}
+
+/// Work generic over an allocator: the visitor that [`Allocs::visit`] calls.
+pub trait Job {
+    /// The result.
+    type Out;
+    /// Runs on one allocator.
+    fn run<A: PageAlloc>(&mut self, alloc: &A, kind: Kind) -> Self::Out;
+}
+
+/// A block pointer that may cross threads (the benchmark owns the block it points to).
+pub struct Raw(pub NonNull<u8>);
+
+// SAFETY: a `Raw` is the unique owner of its block, like a `Box`.
+unsafe impl Send for Raw {}
+
+// --- pagepool ---------------------------------------------------------------------------
+
+/// pagepool's owned-block API.
+pub struct Pool(pub PagePool);
+
+impl PageAlloc for Pool {
+    type Handle = pagepool::Block;
+    #[inline]
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        self.0.alloc(order).ok()
+    }
+    #[inline]
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.as_ptr()
+    }
+    #[inline]
+    unsafe fn free(&self, handle: Self::Handle, _order: u8) {
+        self.0.free(handle);
+    }
+}
+
+/// Settings for the pagepool instances the harness builds.
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOpts {
+    /// Hinter thread on.
+    pub hinter: bool,
+    /// Hint mode.
+    pub mode: HintMode,
+    /// Allocation policy.
+    pub policy: AllocPolicy,
+    /// Capture on.
+    pub capture: bool,
+}
+
+impl Default for PoolOpts {
+    fn default() -> Self {
+        Self {
+            hinter: true,
+            mode: HintMode::Free,
+            policy: AllocPolicy::PreferUnhinted,
+            capture: true,
+        }
+    }
+}
+
+/// Builds a pagepool of `capacity` bytes; everything else default unless `opts` says.
+pub fn build_pool(capacity: usize, opts: PoolOpts) -> PagePool {
+    PagePool::builder()
+        .capacity(capacity)
+        .hint_thread(opts.hinter)
+        .hint_mode(opts.mode)
+        .policy(opts.policy)
+        .capture(opts.capture)
+        .build()
+        .expect("pagepool builds")
+}
+
+// --- system -----------------------------------------------------------------------------
+
+/// glibc `posix_memalign` and `free`.
+pub struct System;
+
+impl PageAlloc for System {
+    type Handle = Raw;
+    #[inline]
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        let size = size_of_order(order);
+        let mut out: *mut libc::c_void = std::ptr::null_mut();
+        // SAFETY: `out` is a valid place for the result; size is a power-of-two multiple of
+        // the pointer size, as posix_memalign requires of the alignment.
+        let rc = unsafe { libc::posix_memalign(&mut out, size, size) };
+        if rc != 0 {
+            None
+        } else {
+            NonNull::new(out.cast()).map(Raw)
+        }
+    }
+    #[inline]
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.0.as_ptr()
+    }
+    #[inline]
+    unsafe fn free(&self, handle: Self::Handle, _order: u8) {
+        // SAFETY: the caller passes a pointer from posix_memalign, freed once.
+        unsafe { libc::free(handle.0.as_ptr().cast()) }
+    }
+}
+
+// --- mimalloc / jemalloc through GlobalAlloc with a Layout -------------------------------
+
+/// A `GlobalAlloc` used with an aligned layout (not installed as the global allocator).
+pub struct Global<G>(pub G);
+
+impl<G: GlobalAlloc + Sync> PageAlloc for Global<G> {
+    type Handle = Raw;
+    #[inline]
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        // SAFETY: the layout has a non-zero size.
+        NonNull::new(unsafe { self.0.alloc(layout(order)) }).map(Raw)
+    }
+    #[inline]
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.0.as_ptr()
+    }
+    #[inline]
+    unsafe fn free(&self, handle: Self::Handle, order: u8) {
+        // SAFETY: the caller passes a block of this allocator allocated with this layout.
+        unsafe { self.0.dealloc(handle.0.as_ptr(), layout(order)) }
+    }
+}
+
+// --- lgalloc ----------------------------------------------------------------------------
+
+/// lgalloc (2 MiB and larger size classes, thread-local caches, background `MADV_FREE`).
+pub struct Lg;
+
+impl Lg {
+    /// Enables lgalloc with its background worker (as Materialize runs it).
+    pub fn new() -> Self {
+        let mut cfg = lgalloc::LgAlloc::new();
+        cfg.enable()
+            .with_background_config(lgalloc::BackgroundWorkerConfig {
+                interval: std::time::Duration::from_secs(1),
+                clear_bytes: 64 << 20,
+            });
+        lgalloc::lgalloc_set_config(&cfg);
+        Lg
+    }
+}
+
+impl PageAlloc for Lg {
+    type Handle = (Raw, lgalloc::Handle);
+    #[inline]
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        let (ptr, _, handle) = lgalloc::allocate::<u8>(size_of_order(order)).ok()?;
+        Some((Raw(ptr), handle))
+    }
+    #[inline]
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.0.0.as_ptr()
+    }
+    #[inline]
+    unsafe fn free(&self, handle: Self::Handle, _order: u8) {
+        lgalloc::deallocate(handle.1);
+    }
+}
+
+// --- buddy_system_allocator ------------------------------------------------------------
+
+/// `buddy_system_allocator::LockedHeap` (one spin lock) over its own `MAP_NORESERVE` mapping.
+pub struct Buddy {
+    heap: buddy_system_allocator::LockedHeap<33>,
+    base: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the raw base pointer is only used to unmap in Drop; the heap is a locked heap.
+unsafe impl Sync for Buddy {}
+// SAFETY: as above.
+unsafe impl Send for Buddy {}
+
+impl Buddy {
+    /// A heap over `capacity` bytes of fresh anonymous memory, aligned to 4 MiB (pagepool's
+    /// chunk size) so both allocators see the same block alignment.
+    pub fn new(capacity: usize) -> Self {
+        let align = 4 << 20;
+        let (base, len, start) = map_aligned(capacity, align).expect("mmap for buddy heap");
+        let heap = buddy_system_allocator::LockedHeap::<33>::new();
+        // SAFETY: [start, start + capacity) is a fresh private mapping that only this heap uses
+        // and that lives until Drop.
+        unsafe { heap.lock().init(start as usize, capacity) };
+        Self { heap, base, len }
+    }
+}
+
+impl Drop for Buddy {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping made in `new`; no block outlives the heap.
+        unsafe { libc::munmap(self.base, self.len) };
+    }
+}
+
+impl PageAlloc for Buddy {
+    type Handle = Raw;
+    #[inline]
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        self.heap.lock().alloc(layout(order)).ok().map(Raw)
+    }
+    #[inline]
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.0.as_ptr()
+    }
+    #[inline]
+    unsafe fn free(&self, handle: Self::Handle, order: u8) {
+        // SAFETY: the caller passes a block of this heap allocated with this layout.
+        unsafe { self.heap.lock().dealloc(handle.0, layout(order)) };
+    }
+}
+
+/// Maps `len` bytes (plus `align` slack) with `MAP_NORESERVE`; returns (base, mapped length,
+/// aligned start).
+fn map_aligned(len: usize, align: usize) -> Option<(*mut libc::c_void, usize, *mut u8)> {
+    let total = len + align;
+    // SAFETY: an anonymous private mapping at a kernel-chosen address has no preconditions.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            total,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return None;
+    }
+    let start = (base as usize).next_multiple_of(align) as *mut u8;
+    Some((base, total, start))
+}
+
+// --- mmap per block ---------------------------------------------------------------------
+
+/// One `mmap` per block, `munmap` on free. Blocks above 4 KiB are over-mapped by their size
+/// and trimmed so they are aligned like everyone else's (two extra `munmap` calls).
+pub struct Mmap;
+
+impl PageAlloc for Mmap {
+    type Handle = Raw;
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        let size = size_of_order(order);
+        let over = if order == 0 { 0 } else { size };
+        // SAFETY: an anonymous private mapping at a kernel-chosen address.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size + over,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return None;
+        }
+        let b = base as usize;
+        let start = b.next_multiple_of(size);
+        if over != 0 {
+            let head = start - b;
+            let tail = over - head;
+            // SAFETY: both ranges lie inside the mapping just made and outside the block kept.
+            unsafe {
+                if head != 0 {
+                    libc::munmap(base, head);
+                }
+                if tail != 0 {
+                    libc::munmap((start + size) as *mut libc::c_void, tail);
+                }
+            }
+        }
+        NonNull::new(start as *mut u8).map(Raw)
+    }
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.0.as_ptr()
+    }
+    unsafe fn free(&self, handle: Self::Handle, order: u8) {
+        // SAFETY: the caller passes a block this allocator mapped with exactly this size.
+        unsafe { libc::munmap(handle.0.as_ptr().cast(), size_of_order(order)) };
+    }
+}
+
+// --- the set ----------------------------------------------------------------------------
+
+/// Every allocator instance, built once per workload so rounds can interleave.
+pub struct Allocs {
+    /// pagepool.
+    pub pool: Pool,
+    /// glibc.
+    pub system: System,
+    /// mimalloc.
+    pub mimalloc: Global<mimalloc::MiMalloc>,
+    /// jemalloc.
+    pub jemalloc: Global<tikv_jemallocator::Jemalloc>,
+    /// lgalloc (built only when asked for: it starts a background thread).
+    pub lgalloc: Option<Lg>,
+    /// buddy_system_allocator.
+    pub buddy: Buddy,
+    /// mmap.
+    pub mmap: Mmap,
+}
+
+impl Allocs {
+    /// Builds every allocator; pagepool and the buddy heap get `capacity` bytes each.
+    pub fn new(capacity: usize, kinds: &[Kind], opts: PoolOpts) -> Self {
+        Self {
+            pool: Pool(build_pool(capacity, opts)),
+            system: System,
+            mimalloc: Global(mimalloc::MiMalloc),
+            jemalloc: Global(tikv_jemallocator::Jemalloc),
+            lgalloc: kinds.contains(&Kind::Lgalloc).then(Lg::new),
+            buddy: Buddy::new(capacity),
+            mmap: Mmap,
+        }
+    }
+
+    /// Runs `job` on the allocator `kind`.
+    pub fn visit<J: Job>(&self, kind: Kind, job: &mut J) -> J::Out {
+        match kind {
+            Kind::Pagepool => job.run(&self.pool, kind),
+            Kind::System => job.run(&self.system, kind),
+            Kind::Mimalloc => job.run(&self.mimalloc, kind),
+            Kind::Jemalloc => job.run(&self.jemalloc, kind),
+            Kind::Lgalloc => job.run(self.lgalloc.as_ref().expect("lgalloc was requested"), kind),
+            Kind::Buddy => job.run(&self.buddy, kind),
+            Kind::Mmap => job.run(&self.mmap, kind),
+        }
+    }
+}
+
+/// Writes one byte of the block (the target figures touched one byte per block).
+#[inline(always)]
+pub fn touch(ptr: *mut u8) {
+    // SAFETY: callers pass the first byte of a live block they own.
+    unsafe { ptr.write_volatile(1) };
+}
+
+/// Writes one byte in every 4 KiB page of a block (memory workloads: makes it resident).
+#[inline]
+pub fn touch_pages(ptr: *mut u8, order: u8) {
+    for page in 0..(1usize << order) {
+        // SAFETY: `ptr` starts a live block of `4 KiB << order` bytes that the caller owns.
+        unsafe { ptr.add(page << 12).write_volatile(1) };
+    }
+}
