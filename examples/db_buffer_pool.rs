@@ -54,8 +54,15 @@ struct BufferManager {
 impl BufferManager {
     fn new(budget: usize) -> Result<Self, pagepool::BuildError> {
         Ok(Self {
-            pool: PagePool::builder().capacity(budget).hint_thread(false).build()?,
-            buffers: Mutex::new(Buffers { table: HashMap::new(), frames: Vec::new(), hand: 0 }),
+            pool: PagePool::builder()
+                .capacity(budget)
+                .hint_thread(false)
+                .build()?,
+            buffers: Mutex::new(Buffers {
+                table: HashMap::new(),
+                frames: Vec::new(),
+                hand: 0,
+            }),
             hits: AtomicU64::new(0),
             misses: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
@@ -67,7 +74,9 @@ impl BufferManager {
         {
             let mut buffers = self.buffers.lock().unwrap();
             if let Some(&slot) = buffers.table.get(&page) {
-                let frame = buffers.frames[slot].as_mut().expect("table points at a frame");
+                let frame = buffers.frames[slot]
+                    .as_mut()
+                    .expect("table points at a frame");
                 frame.referenced = true;
                 let word = u64::from_ne_bytes(frame.block.as_slice()[..8].try_into().unwrap());
                 assert_eq!(word, page, "page {page} holds another page's bytes");
@@ -93,7 +102,11 @@ impl BufferManager {
             self.pool.free(block);
             return Some(latency);
         }
-        let frame = Frame { page, block, referenced: true };
+        let frame = Frame {
+            page,
+            block,
+            referenced: true,
+        };
         let slot = match buffers.frames.iter().position(Option::is_none) {
             Some(slot) => {
                 buffers.frames[slot] = Some(frame);
@@ -130,7 +143,11 @@ impl BufferManager {
                 }
             }
         };
-        assert_eq!(victim.block.as_slice()[8], victim.page as u8, "evicted page was overwritten");
+        assert_eq!(
+            victim.block.as_slice()[8],
+            victim.page as u8,
+            "evicted page was overwritten"
+        );
         self.pool.free(victim.block);
         self.evictions.fetch_add(1, Ordering::Relaxed);
         true
@@ -158,7 +175,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .map(|t| {
                 let manager = &manager;
                 s.spawn(move || {
-                    let mut rng = 0x853C_49E6_748F_EA9Bu64 ^ (t as u64 + 1) * 0x9E37_79B9;
+                    let mut rng = 0x853C_49E6_748F_EA9Bu64 ^ ((t as u64 + 1) * 0x9E37_79B9);
                     let mut latencies = Vec::new();
                     for _ in 0..ops {
                         rng ^= rng << 13;
@@ -175,7 +192,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|h| h.join().expect("worker")).collect()
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().expect("worker"))
+            .collect()
     });
     let elapsed = start.elapsed();
     latencies.sort();
@@ -183,10 +203,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let hits = manager.hits.load(Ordering::Relaxed);
     let misses = manager.misses.load(Ordering::Relaxed);
     let stats = manager.pool.stats();
-    println!("buffer pool: {budget_mib} MiB budget, {pages} pages of 64 KiB..2 MiB, {threads} threads x {ops} reads");
+    println!(
+        "buffer pool: {budget_mib} MiB budget, {pages} pages of 64 KiB..2 MiB, {threads} threads x {ops} reads"
+    );
     println!("elapsed            {elapsed:.2?}");
-    println!("hit rate           {:.1} % ({hits} hits, {misses} misses)", 100.0 * hits as f64 / (hits + misses) as f64);
-    println!("evictions          {}", manager.evictions.load(Ordering::Relaxed));
+    println!(
+        "hit rate           {:.1} % ({hits} hits, {misses} misses)",
+        100.0 * hits as f64 / (hits + misses) as f64
+    );
+    println!(
+        "evictions          {}",
+        manager.evictions.load(Ordering::Relaxed)
+    );
     println!(
         "captures           {} (reclaim rounds {}, waits {})",
         stats.capture.captures, stats.capture.reclaim_rounds, stats.capture.waits
@@ -198,7 +226,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         percentile(&latencies, 0.99),
         latencies.last().copied().unwrap_or_default()
     );
-    println!("pool in use        {:.1} MiB of {budget_mib} MiB", stats.allocated_bytes as f64 / (1 << 20) as f64);
+    println!(
+        "pool in use        {:.1} MiB of {budget_mib} MiB",
+        stats.allocated_bytes as f64 / (1 << 20) as f64
+    );
     manager.pool.check_consistency()?;
     Ok(())
 }

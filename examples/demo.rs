@@ -10,20 +10,28 @@ use std::time::{Duration, Instant};
 use pagepool::{PagePool, ProcessMemory};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get()).max(2);
+    let threads = std::thread::available_parallelism()
+        .map_or(2, |n| n.get())
+        .max(2);
     let pool = PagePool::builder()
         .capacity(512 << 20)
         .hint_delay(Duration::from_millis(200))
         .hint_interval(Duration::from_millis(20))
         .build()?;
-    println!("pool: {} of address space, {} shards, blocks of 4 KiB to {} KiB\n",
-        pagepool_human(pool.capacity() as u64), pool.shard_count(), pagepool::block_size(pool.max_order()) >> 10);
+    println!(
+        "pool: {} of address space, {} shards, blocks of 4 KiB to {} KiB\n",
+        pagepool_human(pool.capacity() as u64),
+        pool.shard_count(),
+        pagepool::block_size(pool.max_order()) >> 10
+    );
 
     // 1. Mixed orders on every thread; a quarter of the blocks are freed by the next thread.
     let start = Instant::now();
     let ops_per_thread = 200_000;
     std::thread::scope(|s| {
-        let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads).map(|_| mpsc::channel::<pagepool::Block>()).unzip();
+        let (senders, receivers): (Vec<_>, Vec<_>) = (0..threads)
+            .map(|_| mpsc::channel::<pagepool::Block>())
+            .unzip();
         for (t, inbox) in receivers.into_iter().enumerate() {
             let pool = &pool;
             let next = senders[(t + 1) % threads].clone();
@@ -41,14 +49,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         85..=98 => 4 + (rng % 5) as u8,
                         _ => 9,
                     };
-                    if live.len() < 256 || rng % 2 == 0 {
+                    if live.len() < 256 || rng.is_multiple_of(2) {
                         if let Ok(mut block) = pool.alloc(order) {
                             block.as_mut_slice()[0] = t as u8;
                             live.push(block);
                         }
                     } else {
                         let victim = live.swap_remove((rng as usize >> 8) % live.len());
-                        assert_eq!(victim.as_slice()[0], t as u8, "someone else wrote into our block");
+                        assert_eq!(
+                            victim.as_slice()[0],
+                            t as u8,
+                            "someone else wrote into our block"
+                        );
                         if i % 4 == 0 {
                             let _ = next.send(victim); // the next thread frees it
                         } else {
@@ -100,10 +112,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     });
     match waited {
         (Ok(block), took) => {
-            println!("2. alloc_wait(order 10) got a 4 MiB block after {took:.1?}, captured from coalescing frees");
+            println!(
+                "2. alloc_wait(order 10) got a 4 MiB block after {took:.1?}, captured from coalescing frees"
+            );
             pool.free(block);
         }
-        (Err(err), _) => println!("2. alloc_wait(order 10): {err} (the freed halves were not buddies)"),
+        (Err(err), _) => {
+            println!("2. alloc_wait(order 10): {err} (the freed halves were not buddies)")
+        }
     }
     for block in halves {
         pool.free(block);

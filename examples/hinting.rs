@@ -60,7 +60,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let freed_at = Instant::now();
     println!("freed everything; now idle\n");
-    println!("{:>6} {:>10} {:>10} {:>16} {:>12}", "time", "Rss", "LazyFree", "Rss - LazyFree", if mode == HintMode::Free { "pool hinted" } else { "pool zeroed" });
+    println!(
+        "{:>6} {:>10} {:>10} {:>16} {:>12}",
+        "time",
+        "Rss",
+        "LazyFree",
+        "Rss - LazyFree",
+        if mode == HintMode::Free {
+            "pool hinted"
+        } else {
+            "pool zeroed"
+        }
+    );
     let print = |label: &str, mem: Option<ProcessMemory>| {
         let stats = pool.stats();
         match mem {
@@ -69,9 +80,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 mib(m.rss),
                 mib(m.lazy_free),
                 mib(m.held()),
-                mib(stats.hinted_bytes + if mode == HintMode::DontNeed { stats.zero_bytes } else { 0 }),
+                mib(stats.hinted_bytes
+                    + if mode == HintMode::DontNeed {
+                        stats.zero_bytes
+                    } else {
+                        0
+                    }),
             ),
-            None => println!("{label:>6} (no /proc/self/smaps_rollup) pool hinted {:.1} MiB", mib(stats.hinted_bytes)),
+            None => println!(
+                "{label:>6} (no /proc/self/smaps_rollup) pool hinted {:.1} MiB",
+                mib(stats.hinted_bytes)
+            ),
         }
     };
     print("peak", peak);

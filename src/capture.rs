@@ -80,7 +80,11 @@ impl CaptureRegistry {
 
     /// Registers a request for a block of `order`.
     pub(crate) fn publish(&self, order: u8) -> Arc<Request> {
-        let request = Arc::new(Request { order, filled: Mutex::new(None), wake: Condvar::new() });
+        let request = Arc::new(Request {
+            order,
+            filled: Mutex::new(None),
+            wake: Condvar::new(),
+        });
         let mut queue = self.queue.lock();
         queue.push_back(request.clone());
         self.waiting.fetch_add(1, Ordering::SeqCst);
@@ -134,7 +138,10 @@ impl CaptureRegistry {
         drop(queue);
         // Gone from the queue: `offer` filled it under the queue lock we just took.
         let idx = request.filled.lock().take();
-        debug_assert!(idx.is_some(), "a withdrawn request left the queue only by being filled");
+        debug_assert!(
+            idx.is_some(),
+            "a withdrawn request left the queue only by being filled"
+        );
         idx
     }
 

@@ -293,7 +293,10 @@ impl PoolBuilder {
             None => physical_memory().max(chunk_bytes),
         };
         if capacity < chunk_bytes {
-            return Err(BuildError::CapacityTooSmall { capacity, min: chunk_bytes });
+            return Err(BuildError::CapacityTooSmall {
+                capacity,
+                min: chunk_bytes,
+            });
         }
         let chunks = capacity / chunk_bytes;
         let frames = chunks as u64 * (1u64 << self.max_order);
@@ -310,10 +313,14 @@ impl PoolBuilder {
         }
         let hint_min_order = self.hint.min_order.unwrap_or(9).min(self.max_order);
         if self.hint.batch_blocks == 0 {
-            return Err(BuildError::InvalidSetting("hint_batch_blocks must be at least 1"));
+            return Err(BuildError::InvalidSetting(
+                "hint_batch_blocks must be at least 1",
+            ));
         }
         if self.hint.high_water == 0 {
-            return Err(BuildError::InvalidSetting("hint_high_water must be at least 1"));
+            return Err(BuildError::InvalidSetting(
+                "hint_high_water must be at least 1",
+            ));
         }
         Ok(Resolved {
             capacity: chunks * chunk_bytes,
@@ -345,7 +352,16 @@ fn physical_memory() -> usize {
     #[cfg(not(any(loom, miri)))]
     {
         // SAFETY: sysconf has no preconditions.
-        let (pages, page) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
-        if pages <= 0 || page <= 0 { 1 << 30 } else { (pages as usize).saturating_mul(page as usize) }
+        let (pages, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_PHYS_PAGES),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        if pages <= 0 || page <= 0 {
+            1 << 30
+        } else {
+            (pages as usize).saturating_mul(page as usize)
+        }
     }
 }

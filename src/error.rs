@@ -52,14 +52,24 @@ impl fmt::Display for BuildError {
                 "pool capacity {capacity} B is smaller than one maximum-order block ({min} B)"
             ),
             Self::CapacityTooLarge { capacity } => {
-                write!(f, "pool capacity {capacity} B needs more than 2^32-1 frames")
+                write!(
+                    f,
+                    "pool capacity {capacity} B needs more than 2^32-1 frames"
+                )
             }
             Self::MaxOrderTooLarge { max_order, limit } => {
-                write!(f, "max_order {max_order} is above the supported limit {limit}")
+                write!(
+                    f,
+                    "max_order {max_order} is above the supported limit {limit}"
+                )
             }
             Self::ZeroShards => write!(f, "a pool needs at least one shard"),
             Self::TooManyShards { shards } => {
-                write!(f, "{shards} shards requested, at most {} supported", crate::MAX_SHARDS)
+                write!(
+                    f,
+                    "{shards} shards requested, at most {} supported",
+                    crate::MAX_SHARDS
+                )
             }
             Self::InvalidSetting(what) => write!(f, "invalid setting: {what}"),
             Self::Map(err) => write!(f, "mapping the pool's memory failed: {err}"),
@@ -119,7 +129,10 @@ impl fmt::Display for AllocError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::OrderTooLarge { order, max_order } => {
-                write!(f, "order {order} is above the pool's maximum order {max_order}")
+                write!(
+                    f,
+                    "order {order} is above the pool's maximum order {max_order}"
+                )
             }
             Self::Exhausted { order } => write!(f, "no free block of order {order} or larger"),
             Self::Timeout { order } => write!(f, "timed out waiting for a block of order {order}"),

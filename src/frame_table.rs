@@ -152,12 +152,20 @@ pub(crate) struct Frame {
 }
 
 #[cfg(not(loom))]
-const _: () = assert!(size_of::<Frame>() == 16, "the frame table promises 16 bytes per frame");
+const _: () = assert!(
+    size_of::<Frame>() == 16,
+    "the frame table promises 16 bytes per frame"
+);
 
 impl Frame {
     /// An interior frame (all zeros, like a fresh mapping).
     pub(crate) fn new() -> Self {
-        Self { next: AtomicU32::new(0), prev: AtomicU32::new(0), meta: AtomicU32::new(0), since: AtomicU32::new(0) }
+        Self {
+            next: AtomicU32::new(0),
+            prev: AtomicU32::new(0),
+            meta: AtomicU32::new(0),
+            since: AtomicU32::new(0),
+        }
     }
 
     #[inline]
@@ -238,11 +246,17 @@ pub(crate) struct FrameTable {
 }
 
 impl FrameTable {
-    pub(crate) fn new(chunks: u32, max_order: u8, backing: crate::config::Backing) -> std::io::Result<Self> {
+    pub(crate) fn new(
+        chunks: u32,
+        max_order: u8,
+        backing: crate::config::Backing,
+    ) -> std::io::Result<Self> {
         let frames = (chunks as usize) << max_order;
         Ok(Self {
             frames: crate::region::MetaArray::new(frames, backing, true, |_| Frame::new())?,
-            owners: crate::region::MetaArray::new(chunks as usize, backing, true, |_| AtomicU32::new(0))?,
+            owners: crate::region::MetaArray::new(chunks as usize, backing, true, |_| {
+                AtomicU32::new(0)
+            })?,
         })
     }
 

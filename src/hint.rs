@@ -52,7 +52,9 @@ pub(crate) struct OsAdvisor {
     batched: std::sync::atomic::AtomicU8,
 }
 
-pub(crate) static OS_ADVISOR: OsAdvisor = OsAdvisor { batched: std::sync::atomic::AtomicU8::new(0) };
+pub(crate) static OS_ADVISOR: OsAdvisor = OsAdvisor {
+    batched: std::sync::atomic::AtomicU8::new(0),
+};
 
 /// Heap-backed pools have nothing to give back: `MADV_FREE` leaves the bytes as they are,
 /// and `MADV_DONTNEED` is emulated by zeroing, so known-zero stays true.
@@ -127,14 +129,33 @@ impl Advisor for OsAdvisor {
 #[cfg(not(any(loom, miri)))]
 fn process_madvise_self(ranges: &[(usize, usize)], advice: libc::c_int) -> std::io::Result<usize> {
     const MAX_IOV: usize = 64;
-    let mut iov = [libc::iovec { iov_base: std::ptr::null_mut(), iov_len: 0 }; MAX_IOV];
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_IOV];
     let n = ranges.len().min(MAX_IOV);
     for (slot, &(addr, len)) in iov.iter_mut().zip(ranges) {
-        *slot = libc::iovec { iov_base: addr as *mut libc::c_void, iov_len: len };
+        *slot = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        };
     }
     // SAFETY: `iov` holds `n` valid iovecs describing ranges of our own mapping.
-    let ret = unsafe { libc::syscall(libc::SYS_process_madvise, PIDFD_SELF, iov.as_ptr(), n, advice, 0u32) };
-    if ret < 0 { Err(std::io::Error::last_os_error()) } else { Ok(ret as usize) }
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_process_madvise,
+            PIDFD_SELF,
+            iov.as_ptr(),
+            n,
+            advice,
+            0u32,
+        )
+    };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
 }
 
 // === impl HintSignal ===
@@ -241,7 +262,9 @@ impl HintSignal {
 
     /// After a run of passes: back to idle unless a request came in meanwhile.
     fn finish(&self) {
-        let _ = self.state.compare_exchange(ACTIVE, IDLE, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self
+            .state
+            .compare_exchange(ACTIVE, IDLE, Ordering::AcqRel, Ordering::Acquire);
     }
 }
 
@@ -284,7 +307,12 @@ pub(crate) trait HintTarget {
         out: &mut Vec<(FrameIdx, u8)>,
     ) -> crate::shard::Isolation;
     /// Returns isolated blocks of shard `shard` (class `None`: the advice failed).
-    fn return_isolated(&self, shard: usize, blocks: &[(FrameIdx, u8)], classes: &[Option<FreeClass>]);
+    fn return_isolated(
+        &self,
+        shard: usize,
+        blocks: &[(FrameIdx, u8)],
+        classes: &[Option<FreeClass>],
+    );
     /// Address of a frame.
     fn frame_addr(&self, idx: FrameIdx) -> usize;
     fn config(&self) -> &HintConfig;
@@ -295,7 +323,11 @@ pub(crate) trait HintTarget {
 }
 
 /// Runs one pass over every shard. `cold_ms = None` hints every candidate at once.
-pub(crate) fn run_pass(target: &impl HintTarget, cold_ms: Option<u32>, budget_bytes: u64) -> PassOutcome {
+pub(crate) fn run_pass(
+    target: &impl HintTarget,
+    cold_ms: Option<u32>,
+    budget_bytes: u64,
+) -> PassOutcome {
     let config = *target.config();
     let counters = target.counters();
     let mut budget_frames = budget_bytes / crate::FRAME_SIZE as u64;
@@ -311,18 +343,31 @@ pub(crate) fn run_pass(target: &impl HintTarget, cold_ms: Option<u32>, budget_by
     'shards: for shard in 0..target.shard_count() {
         loop {
             batch.clear();
-            let isolation = target.isolate(shard, cold_ms, config.batch_blocks, &mut budget_frames, &mut batch);
+            let isolation = target.isolate(
+                shard,
+                cold_ms,
+                config.batch_blocks,
+                &mut budget_frames,
+                &mut batch,
+            );
             if let Some(wait) = isolation.next_cold_in {
-                outcome.next_cold_in = Some(outcome.next_cold_in.map_or(wait, |w: u32| w.min(wait)));
+                outcome.next_cold_in =
+                    Some(outcome.next_cold_in.map_or(wait, |w: u32| w.min(wait)));
             }
             if batch.is_empty() {
                 break;
             }
             ranges.clear();
-            ranges.extend(batch.iter().map(|&(idx, order)| (target.frame_addr(idx), crate::FRAME_SIZE << order)));
+            ranges.extend(
+                batch
+                    .iter()
+                    .map(|&(idx, order)| (target.frame_addr(idx), crate::FRAME_SIZE << order)),
+            );
             ok.clear();
             ok.resize(batch.len(), false);
-            let advised = catch_unwind(AssertUnwindSafe(|| target.advisor().advise(&ranges, config.mode, &mut ok)));
+            let advised = catch_unwind(AssertUnwindSafe(|| {
+                target.advisor().advise(&ranges, config.mode, &mut ok)
+            }));
             match advised {
                 Ok(calls) => {
                     counters.madvise_calls.fetch_add(calls, Ordering::Relaxed);
@@ -357,9 +402,15 @@ pub(crate) fn run_pass(target: &impl HintTarget, cold_ms: Option<u32>, budget_by
         }
     }
     counters.passes.fetch_add(1, Ordering::Relaxed);
-    counters.bytes_hinted.fetch_add(outcome.bytes, Ordering::Relaxed);
-    counters.blocks_hinted.fetch_add(outcome.blocks, Ordering::Relaxed);
-    counters.failures.fetch_add(outcome.failures, Ordering::Relaxed);
+    counters
+        .bytes_hinted
+        .fetch_add(outcome.bytes, Ordering::Relaxed);
+    counters
+        .blocks_hinted
+        .fetch_add(outcome.blocks, Ordering::Relaxed);
+    counters
+        .failures
+        .fetch_add(outcome.failures, Ordering::Relaxed);
     outcome
 }
 
@@ -375,7 +426,9 @@ pub(crate) fn hinter_main(target: &impl HintTarget, signal: &HintSignal) {
                 Some(config.interval)
             } else {
                 // Come back when the next candidate turns cold (a little after, so it is).
-                outcome.next_cold_in.map(|ms| Duration::from_millis(ms as u64 + 5).max(config.interval))
+                outcome
+                    .next_cold_in
+                    .map(|ms| Duration::from_millis(ms as u64 + 5).max(config.interval))
             };
             match pause {
                 Some(pause) => {

@@ -144,5 +144,9 @@ pub const fn order_for(size: usize, align: usize) -> Option<u8> {
         return Some(0);
     }
     let order = (usize::BITS - (need - 1).leading_zeros()) as usize - FRAME_SHIFT;
-    if order > MAX_SUPPORTED_ORDER as usize { None } else { Some(order as u8) }
+    if order > MAX_SUPPORTED_ORDER as usize {
+        None
+    } else {
+        Some(order as u8)
+    }
 }

@@ -29,7 +29,9 @@ use crate::error::{AllocError, BuildError, FreeError};
 use crate::frame_table::{FrameIdx, FrameTable, FreeClass, Owner};
 use crate::hint::{self, Advisor, HintCounters, HintSignal, HintTarget};
 use crate::region::{MetaArray, Region};
-use crate::shard::{AuditCounts, Env, Isolation, Locked, PREFER_RESIDENT, PREFER_ZERO, Shard, ShardId};
+use crate::shard::{
+    AuditCounts, Env, Isolation, Locked, PREFER_RESIDENT, PREFER_ZERO, Shard, ShardId,
+};
 use crate::stats::Stats;
 use crate::sync::Ordering;
 use crate::{FRAME_SHIFT, FRAME_SIZE};
@@ -63,8 +65,10 @@ impl PoolCore {
     pub(crate) fn new(config: &PoolBuilder) -> Result<Self, BuildError> {
         let resolved = config.resolve()?;
         let chunk = FRAME_SIZE << resolved.max_order;
-        let region = Region::new(resolved.capacity, chunk, config.backing, config.huge_pages).map_err(BuildError::Map)?;
-        let table = FrameTable::new(resolved.chunks, resolved.max_order, config.backing).map_err(BuildError::Map)?;
+        let region = Region::new(resolved.capacity, chunk, config.backing, config.huge_pages)
+            .map_err(BuildError::Map)?;
+        let table = FrameTable::new(resolved.chunks, resolved.max_order, config.backing)
+            .map_err(BuildError::Map)?;
         let shards = MetaArray::new(resolved.shards, config.backing, false, |i| {
             CachePadded::new(Shard::new(ShardId::Local(i), 0, resolved.max_order))
         })
@@ -76,7 +80,11 @@ impl PoolCore {
         };
         Ok(Self {
             id: NEXT_POOL_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
-            shared: CachePadded::new(Shard::new(ShardId::Shared, resolved.chunks, resolved.max_order)),
+            shared: CachePadded::new(Shard::new(
+                ShardId::Shared,
+                resolved.chunks,
+                resolved.max_order,
+            )),
             region: std::mem::ManuallyDrop::new(region),
             table,
             shards,
@@ -172,7 +180,10 @@ impl PoolCore {
         shard: Option<usize>,
     ) -> Result<(FrameIdx, FreeClass), AllocError> {
         if order > self.resolved.max_order {
-            return Err(AllocError::OrderTooLarge { order, max_order: self.resolved.max_order });
+            return Err(AllocError::OrderTooLarge {
+                order,
+                max_order: self.resolved.max_order,
+            });
         }
         let prefs = if zero && self.config.policy == crate::AllocPolicy::PreferUnhinted {
             &PREFER_ZERO
@@ -213,9 +224,18 @@ impl PoolCore {
     }
 
     /// Allocates, zeroing the block unless it is known to be zero already.
-    pub(crate) fn alloc_block(&self, order: u8, zero: bool, shard: Option<usize>) -> Result<Block, AllocError> {
+    pub(crate) fn alloc_block(
+        &self,
+        order: u8,
+        zero: bool,
+        shard: Option<usize>,
+    ) -> Result<Block, AllocError> {
         let (idx, class) = self.alloc_frame(order, zero, shard)?;
-        let block = Block { ptr: self.frame_ptr(idx), order, pool: self.id };
+        let block = Block {
+            ptr: self.frame_ptr(idx),
+            order,
+            pool: self.id,
+        };
         if zero && class != FreeClass::Zero {
             // SAFETY: the block was just handed to us: `len` bytes inside the region that
             // nobody else may touch.
@@ -282,11 +302,18 @@ impl PoolCore {
     // --- capture -----------------------------------------------------------------------
 
     fn block_at(&self, idx: FrameIdx, order: u8) -> Block {
-        Block { ptr: self.frame_ptr(idx), order, pool: self.id }
+        Block {
+            ptr: self.frame_ptr(idx),
+            order,
+            pool: self.id,
+        }
     }
 
     /// Publishes a request, then tries every shard once more (see `capture`'s protocol).
-    fn publish_and_recheck(&self, order: u8) -> (crate::sync::Arc<crate::capture::Request>, Option<Block>) {
+    fn publish_and_recheck(
+        &self,
+        order: u8,
+    ) -> (crate::sync::Arc<crate::capture::Request>, Option<Block>) {
         let request = self.capture.publish(order);
         // Cached small blocks may merge into what we wait for: merge them now, under
         // capture, so any block they form is handed straight to a waiter.
@@ -325,7 +352,10 @@ impl PoolCore {
             // Handed over just at the deadline: it is ours, so return it.
             Some(idx) => Ok(self.block_at(idx, order)),
             None => {
-                self.capture.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                self.capture
+                    .counters
+                    .timeouts
+                    .fetch_add(1, Ordering::Relaxed);
                 Err(AllocError::Timeout { order })
             }
         }
@@ -341,7 +371,10 @@ impl PoolCore {
                 return Ok(block);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
-                self.capture.counters.timeouts.fetch_add(1, Ordering::Relaxed);
+                self.capture
+                    .counters
+                    .timeouts
+                    .fetch_add(1, Ordering::Relaxed);
                 return Err(AllocError::Timeout { order });
             }
             if backoff.is_completed() {
@@ -352,7 +385,11 @@ impl PoolCore {
         }
     }
 
-    pub(crate) fn alloc_with_reclaim(&self, order: u8, mut reclaim: impl FnMut() -> bool) -> Result<Block, AllocError> {
+    pub(crate) fn alloc_with_reclaim(
+        &self,
+        order: u8,
+        mut reclaim: impl FnMut() -> bool,
+    ) -> Result<Block, AllocError> {
         match self.alloc_block(order, false, None) {
             Err(AllocError::Exhausted { .. }) => {}
             other => return other,
@@ -365,7 +402,10 @@ impl PoolCore {
                     return Err(AllocError::ReclaimFailed { order, rounds });
                 }
                 rounds += 1;
-                self.capture.counters.reclaim_rounds.fetch_add(1, Ordering::Relaxed);
+                self.capture
+                    .counters
+                    .reclaim_rounds
+                    .fetch_add(1, Ordering::Relaxed);
                 if let Ok(block) = self.alloc_block(order, false, None) {
                     return Ok(block);
                 }
@@ -379,7 +419,10 @@ impl PoolCore {
             let more = reclaim();
             if more {
                 rounds += 1;
-                self.capture.counters.reclaim_rounds.fetch_add(1, Ordering::Relaxed);
+                self.capture
+                    .counters
+                    .reclaim_rounds
+                    .fetch_add(1, Ordering::Relaxed);
             }
             // Frees inside the callback may have been captured for us already.
             if let Some(idx) = self.capture.wait(&request, Some(Instant::now())) {
@@ -393,14 +436,18 @@ impl PoolCore {
             return Ok(self.block_at(idx, order));
         }
         // One last look: a block may have formed while no longer registered.
-        self.alloc_block(order, false, None).map_err(|_| AllocError::ReclaimFailed { order, rounds })
+        self.alloc_block(order, false, None)
+            .map_err(|_| AllocError::ReclaimFailed { order, rounds })
     }
 
     // --- stats and audit ---------------------------------------------------------------
 
     /// All shards, the shared pool last.
     pub(crate) fn all_shards(&self) -> impl Iterator<Item = &Shard> {
-        self.shards.iter().map(|s| &**s).chain(std::iter::once(&*self.shared))
+        self.shards
+            .iter()
+            .map(|s| &**s)
+            .chain(std::iter::once(&*self.shared))
     }
 
     pub(crate) fn stats(&self) -> Stats {
@@ -427,13 +474,23 @@ impl PoolCore {
                 let (state, order) = self.table.frame(idx).get();
                 use crate::frame_table::FrameState as S;
                 match state {
-                    S::Interior => return Err(format!("frame {} should start a block but is interior", idx.0)),
+                    S::Interior => {
+                        return Err(format!(
+                            "frame {} should start a block but is interior",
+                            idx.0
+                        ));
+                    }
                     S::Allocated => allocated[order as usize] += 1,
                     S::Isolated => isolated[order as usize] += 1,
-                    S::Unhinted | S::Hinted | S::Zero | S::Cached => walked_free[order as usize] += 1,
+                    S::Unhinted | S::Hinted | S::Zero | S::Cached => {
+                        walked_free[order as usize] += 1
+                    }
                 }
                 if idx.0 & ((1 << order) - 1) != 0 || order > max {
-                    return Err(format!("block at frame {} has impossible order {order}", idx.0));
+                    return Err(format!(
+                        "block at frame {} has impossible order {order}",
+                        idx.0
+                    ));
                 }
                 idx = idx.plus(1 << order);
             }
@@ -447,7 +504,11 @@ impl PoolCore {
         let mut total_frames = 0u64;
         for order in 0..=max as usize {
             let listed: u64 = seen.free[order].iter().sum::<u64>() + seen.cached[order];
-            let fresh = if order == max as usize { seen.fresh_chunks } else { 0 };
+            let fresh = if order == max as usize {
+                seen.fresh_chunks
+            } else {
+                0
+            };
             if walked_free[order] + fresh != listed {
                 return Err(format!(
                     "order {order}: the frame table holds {} free blocks, the lists {}",
@@ -455,18 +516,25 @@ impl PoolCore {
                     listed
                 ));
             }
-            let counted_alloc: u64 =
-                self.all_shards().map(|s| s.counters[order].allocated.load(Ordering::Acquire)).sum();
+            let counted_alloc: u64 = self
+                .all_shards()
+                .map(|s| s.counters[order].allocated.load(Ordering::Acquire))
+                .sum();
             if counted_alloc != allocated[order] {
                 return Err(format!(
                     "order {order}: {} allocated blocks in the table, counters say {counted_alloc}",
                     allocated[order]
                 ));
             }
-            let counted_iso: u64 =
-                self.all_shards().map(|s| s.counters[order].in_flight.load(Ordering::Acquire)).sum();
+            let counted_iso: u64 = self
+                .all_shards()
+                .map(|s| s.counters[order].in_flight.load(Ordering::Acquire))
+                .sum();
             if counted_iso != isolated[order] {
-                return Err(format!("order {order}: {} isolated blocks, counters say {counted_iso}", isolated[order]));
+                return Err(format!(
+                    "order {order}: {} isolated blocks, counters say {counted_iso}",
+                    isolated[order]
+                ));
             }
             total_frames += (listed + allocated[order] + isolated[order]) << order;
         }
@@ -527,10 +595,21 @@ impl HintTarget for PoolCore {
         let mut shard = shard.lock(&env);
         // Cached blocks are free memory too: merge them so they can be hinted.
         shard.drain_cache(0);
-        shard.isolate(self.resolved.hint_min_order, cold_ms, max_blocks, budget_frames, out)
+        shard.isolate(
+            self.resolved.hint_min_order,
+            cold_ms,
+            max_blocks,
+            budget_frames,
+            out,
+        )
     }
 
-    fn return_isolated(&self, shard: usize, blocks: &[(FrameIdx, u8)], classes: &[Option<FreeClass>]) {
+    fn return_isolated(
+        &self,
+        shard: usize,
+        blocks: &[(FrameIdx, u8)],
+        classes: &[Option<FreeClass>],
+    ) {
         let env = self.env();
         let shard = self.shards.get(shard).map_or(&*self.shared, |s| &**s);
         let mut shard = shard.lock(&env);
@@ -752,7 +831,10 @@ impl PagePool {
     pub fn alloc_bytes(&self, bytes: usize) -> Result<Block, AllocError> {
         match crate::order_for(bytes, 1) {
             Some(order) if bytes > 0 => self.alloc(order),
-            _ => Err(AllocError::UnsupportedLayout { size: bytes, align: 1 }),
+            _ => Err(AllocError::UnsupportedLayout {
+                size: bytes,
+                align: 1,
+            }),
         }
     }
 
@@ -769,9 +851,14 @@ impl PagePool {
             block.pool,
             self.core.id()
         );
-        let idx = self.core.frame_of(block.ptr.as_ptr()).expect("a Block of this pool lies in its region");
+        let idx = self
+            .core
+            .frame_of(block.ptr.as_ptr())
+            .expect("a Block of this pool lies in its region");
         if let Err(err) = self.core.free_frame(idx, Some(block.order)) {
-            panic!("pagepool: frame table disagrees with a live Block ({err}); memory was corrupted");
+            panic!(
+                "pagepool: frame table disagrees with a live Block ({err}); memory was corrupted"
+            );
         }
     }
 
@@ -813,7 +900,11 @@ impl PagePool {
     /// handle must be the only one.
     pub unsafe fn block_from_raw(&self, ptr: NonNull<u8>) -> Result<Block, FreeError> {
         let order = self.core.order_of(ptr.as_ptr())?;
-        Ok(Block { ptr, order, pool: self.core.id() })
+        Ok(Block {
+            ptr,
+            order,
+            pool: self.core.id(),
+        })
     }
 
     /// The order of the allocated block at `ptr`, from the frame table.
@@ -845,14 +936,23 @@ impl PagePool {
     /// If `new_order` is larger than the block's order, or the block is from another pool.
     pub fn shrink(&self, block: &mut Block, new_order: u8) {
         self.check_own(block);
-        assert!(new_order <= block.order, "shrink to order {new_order} from order {}", block.order);
+        assert!(
+            new_order <= block.order,
+            "shrink to order {new_order} from order {}",
+            block.order
+        );
         let idx = self.core.frame_of(block.ptr.as_ptr()).expect("own block");
         self.core.shrink_frame(idx, block.order, new_order);
         block.order = new_order;
     }
 
     fn check_own(&self, block: &Block) {
-        assert!(block.pool == self.core.id(), "pagepool: Block from pool {} used with pool {}", block.pool, self.core.id());
+        assert!(
+            block.pool == self.core.id(),
+            "pagepool: Block from pool {} used with pool {}",
+            block.pool,
+            self.core.id()
+        );
     }
 
     /// Waits up to `timeout` for a block of `order`, capturing one as concurrent frees
@@ -879,7 +979,11 @@ impl PagePool {
     /// # Errors
     /// [`AllocError::ReclaimFailed`] when `reclaim` gave up and no block formed, or as
     /// [`alloc`](Self::alloc).
-    pub fn alloc_with_reclaim(&self, order: u8, reclaim: impl FnMut() -> bool) -> Result<Block, AllocError> {
+    pub fn alloc_with_reclaim(
+        &self,
+        order: u8,
+        reclaim: impl FnMut() -> bool,
+    ) -> Result<Block, AllocError> {
         self.core.alloc_with_reclaim(order, reclaim)
     }
 
@@ -887,7 +991,11 @@ impl PagePool {
     /// on the calling thread. For runtimes that drive hinting themselves.
     pub fn hint_now(&self) -> HintReport {
         let outcome = hint::run_pass(&*self.core, None, u64::MAX);
-        HintReport { blocks: outcome.blocks, bytes: outcome.bytes, failures: outcome.failures }
+        HintReport {
+            blocks: outcome.blocks,
+            bytes: outcome.bytes,
+            failures: outcome.failures,
+        }
     }
 
     /// Starts the background hinter thread if it is not running (for pools built with
@@ -958,8 +1066,12 @@ impl Drop for PagePool {
 }
 
 /// Spawns the named hinter thread.
-pub(crate) fn spawn_hinter(f: impl FnOnce() + Send + 'static) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("pagepool-hinter".into()).spawn(f)
+pub(crate) fn spawn_hinter(
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("pagepool-hinter".into())
+        .spawn(f)
 }
 
 impl PoolBuilder {

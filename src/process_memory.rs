@@ -28,10 +28,19 @@ impl ProcessMemory {
         let text = std::fs::read_to_string("/proc/self/smaps_rollup").ok()?;
         let field = |name: &str| -> Option<u64> {
             let line = text.lines().find(|l| l.starts_with(name))?;
-            let kib: u64 = line[name.len()..].trim().trim_end_matches("kB").trim().parse().ok()?;
+            let kib: u64 = line[name.len()..]
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .ok()?;
             Some(kib * 1024)
         };
-        Some(Self { rss: field("Rss:")?, lazy_free: field("LazyFree:").unwrap_or(0), minor_faults: minor_faults() })
+        Some(Self {
+            rss: field("Rss:")?,
+            lazy_free: field("LazyFree:").unwrap_or(0),
+            minor_faults: minor_faults(),
+        })
     }
 
     /// `Rss - LazyFree`: the bytes the process really holds.

@@ -28,7 +28,10 @@ pub(crate) struct Region {
 enum Memory {
     #[cfg(not(any(loom, miri)))]
     Mmap(#[allow(dead_code)] memmap2::MmapRaw),
-    Heap { ptr: NonNull<u8>, layout: Layout },
+    Heap {
+        ptr: NonNull<u8>,
+        layout: Layout,
+    },
 }
 
 // SAFETY: the region is plain memory; the pool's frame table decides which thread may
@@ -39,7 +42,12 @@ unsafe impl Sync for Region {}
 
 impl Region {
     /// Reserves `len` bytes aligned to `align` (a power of two, at least 4 KiB).
-    pub(crate) fn new(len: usize, align: usize, backing: Backing, huge_pages: bool) -> io::Result<Self> {
+    pub(crate) fn new(
+        len: usize,
+        align: usize,
+        backing: Backing,
+        huge_pages: bool,
+    ) -> io::Result<Self> {
         debug_assert!(align.is_power_of_two() && len.is_multiple_of(align));
         match backing {
             #[cfg(not(any(loom, miri)))]
@@ -58,7 +66,10 @@ impl Region {
         let total = len
             .checked_add(align)
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "region size overflows"))?;
-        let map = memmap2::MmapOptions::new().len(total).no_reserve_swap().map_anon()?;
+        let map = memmap2::MmapOptions::new()
+            .len(total)
+            .no_reserve_swap()
+            .map_anon()?;
         let map = memmap2::MmapRaw::from(map);
         let start = map.as_mut_ptr();
         let offset = start.align_offset(align);
@@ -83,7 +94,11 @@ impl Region {
         // SAFETY: `len` is non-zero (at least one chunk).
         let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(ptr).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
-        Ok(Self { base: ptr, len, memory: Memory::Heap { ptr, layout } })
+        Ok(Self {
+            base: ptr,
+            len,
+            memory: Memory::Heap { ptr, layout },
+        })
     }
 
     /// First byte of the aligned span.
@@ -145,7 +160,10 @@ impl<T> MetaArray<T> {
         zero_is_init: bool,
         mut init: impl FnMut(usize) -> T,
     ) -> io::Result<Self> {
-        let bytes = len.checked_mul(size_of::<T>()).filter(|&b| b > 0).unwrap_or(size_of::<T>().max(1));
+        let bytes = len
+            .checked_mul(size_of::<T>())
+            .filter(|&b| b > 0)
+            .unwrap_or(size_of::<T>().max(1));
         let (ptr, map, zeroed) = Self::raw(bytes, backing)?;
         let ptr = ptr.cast::<T>();
         // loom's atomics are not plain integers, so zero is never a valid loom value.
@@ -167,10 +185,16 @@ impl<T> MetaArray<T> {
 
     #[cfg(not(any(loom, miri)))]
     #[allow(clippy::type_complexity)]
-    fn raw(bytes: usize, backing: Backing) -> io::Result<(NonNull<u8>, Option<memmap2::MmapRaw>, bool)> {
+    fn raw(
+        bytes: usize,
+        backing: Backing,
+    ) -> io::Result<(NonNull<u8>, Option<memmap2::MmapRaw>, bool)> {
         match backing {
             Backing::Mmap => {
-                let map = memmap2::MmapOptions::new().len(bytes).no_reserve_swap().map_anon()?;
+                let map = memmap2::MmapOptions::new()
+                    .len(bytes)
+                    .no_reserve_swap()
+                    .map_anon()?;
                 let map = memmap2::MmapRaw::from(map);
                 let ptr = NonNull::new(map.as_mut_ptr()).expect("mmap returned null");
                 Ok((ptr, Some(map), true))
@@ -188,7 +212,8 @@ impl<T> MetaArray<T> {
         let layout = Layout::from_size_align(bytes, align_of::<T>().max(64))
             .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `bytes` is non-zero.
-        NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) }).ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
+        NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })
+            .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))
     }
 
     fn heap_layout(&self) -> Layout {
@@ -210,7 +235,12 @@ impl<T> std::ops::Deref for MetaArray<T> {
 impl<T> Drop for MetaArray<T> {
     fn drop(&mut self) {
         // SAFETY: the elements were initialised in `new` and are dropped once, here.
-        unsafe { std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(self.ptr.as_ptr(), self.len)) };
+        unsafe {
+            std::ptr::drop_in_place(std::ptr::slice_from_raw_parts_mut(
+                self.ptr.as_ptr(),
+                self.len,
+            ))
+        };
         #[cfg(not(any(loom, miri)))]
         if self._map.is_some() {
             return; // the mapping unmaps itself

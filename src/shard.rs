@@ -31,9 +31,11 @@ pub(crate) const ORDERS: usize = crate::MAX_SUPPORTED_ORDER as usize + 1;
 pub(crate) const CACHE_ORDERS: usize = ORDERS;
 
 /// Allocation preference for ordinary allocations.
-pub(crate) const PREFER_RESIDENT: [FreeClass; CLASSES] = [FreeClass::Unhinted, FreeClass::Hinted, FreeClass::Zero];
+pub(crate) const PREFER_RESIDENT: [FreeClass; CLASSES] =
+    [FreeClass::Unhinted, FreeClass::Hinted, FreeClass::Zero];
 /// Allocation preference for `alloc_zeroed`: a known-zero block needs no memset.
-pub(crate) const PREFER_ZERO: [FreeClass; CLASSES] = [FreeClass::Zero, FreeClass::Unhinted, FreeClass::Hinted];
+pub(crate) const PREFER_ZERO: [FreeClass; CLASSES] =
+    [FreeClass::Zero, FreeClass::Unhinted, FreeClass::Hinted];
 
 // === impl OrderCounters ===
 
@@ -63,7 +65,10 @@ pub(crate) struct OrderCounters {
 /// writes, so a load and a store replace a locked read-modify-write.
 #[inline]
 fn bump(counter: &AtomicU64, delta: u64) {
-    counter.store(counter.load(Ordering::Relaxed).wrapping_add(delta), Ordering::Release);
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(delta),
+        Ordering::Release,
+    );
 }
 
 const DEC: u64 = u64::MAX;
@@ -184,7 +189,11 @@ impl Shard {
     /// Takes the lock.
     #[inline]
     pub(crate) fn lock<'a>(&'a self, env: &'a Env<'a>) -> Locked<'a> {
-        Locked { lists: self.lists.lock(), shard: self, env }
+        Locked {
+            lists: self.lists.lock(),
+            shard: self,
+            env,
+        }
     }
 
     /// Whether the counters (read without the lock) show a free block of `order` and
@@ -201,7 +210,9 @@ impl Shard {
 
     /// Unhinted free blocks at or above the hint order, from the counters (no lock).
     pub(crate) fn unhinted_at_or_above(&self, min_order: u8, max_order: u8) -> u64 {
-        (min_order..=max_order).map(|o| self.counters[o as usize].unhinted()).sum()
+        (min_order..=max_order)
+            .map(|o| self.counters[o as usize].unhinted())
+            .sum()
     }
 }
 
@@ -327,7 +338,13 @@ impl<'a> Locked<'a> {
         loop {
             if let Some(o) = self.smallest_nonempty(list, order) {
                 let idx = FrameIdx(self.lists.head[o as usize][list]);
-                let class = self.env.table.frame(idx).state().free_class().expect("listed block is free");
+                let class = self
+                    .env
+                    .table
+                    .frame(idx)
+                    .state()
+                    .free_class()
+                    .expect("listed block is free");
                 self.unlink(idx, o, class);
                 return Some((idx, o, class));
             }
@@ -361,36 +378,51 @@ impl<'a> Locked<'a> {
     /// preference this shard's lists and then a whole chunk of that class from the shared
     /// pool. Returns the block and the class it had while free.
     #[inline]
-    pub(crate) fn alloc(&mut self, order: u8, prefs: &[FreeClass; CLASSES]) -> Option<(FrameIdx, FreeClass)> {
+    pub(crate) fn alloc(
+        &mut self,
+        order: u8,
+        prefs: &[FreeClass; CLASSES],
+    ) -> Option<(FrameIdx, FreeClass)> {
         if prefs[0] != FreeClass::Zero
             && let Some(idx) = self.cache_pop(order)
         {
             self.mark_allocated(idx, order);
             return Some((idx, FreeClass::Unhinted));
         }
-        // FIFO keeps one queue per order, so one round covers every class.
-        let classes = if self.env.policy == AllocPolicy::Fifo { &prefs[..1] } else { &prefs[..] };
-        for &class in classes {
-            if let Some(found) = self.alloc_class(order, class) {
-                return Some(found);
-            }
-            if self.shard.id != ShardId::Shared && self.refill(class, true) {
-                return self.alloc_class(order, class);
-            }
-        }
-        None
+        self.alloc_lists(order, prefs, true)
     }
 
     /// Like [`alloc`](Self::alloc) without the cache, and looking into the shared pool
     /// under its lock even when its counters say it is empty: the last resort before an
     /// allocation fails.
-    pub(crate) fn alloc_thorough(&mut self, order: u8, prefs: &[FreeClass; CLASSES]) -> Option<(FrameIdx, FreeClass)> {
-        let classes = if self.env.policy == AllocPolicy::Fifo { &prefs[..1] } else { &prefs[..] };
+    pub(crate) fn alloc_thorough(
+        &mut self,
+        order: u8,
+        prefs: &[FreeClass; CLASSES],
+    ) -> Option<(FrameIdx, FreeClass)> {
+        self.alloc_lists(order, prefs, false)
+    }
+
+    /// For each class in order of preference: this shard's lists, then a whole chunk of
+    /// that class from the shared pool (skipped when `check_counters` and the shared
+    /// pool's counters say it has none).
+    fn alloc_lists(
+        &mut self,
+        order: u8,
+        prefs: &[FreeClass; CLASSES],
+        check_counters: bool,
+    ) -> Option<(FrameIdx, FreeClass)> {
+        // FIFO keeps one queue per order, so one round covers every class.
+        let classes = if self.env.policy == AllocPolicy::Fifo {
+            &prefs[..1]
+        } else {
+            &prefs[..]
+        };
         for &class in classes {
             if let Some(found) = self.alloc_class(order, class) {
                 return Some(found);
             }
-            if self.shard.id != ShardId::Shared && self.refill(class, false) {
+            if self.shard.id != ShardId::Shared && self.refill(class, check_counters) {
                 return self.alloc_class(order, class);
             }
         }
@@ -416,7 +448,8 @@ impl<'a> Locked<'a> {
             return false;
         };
         debug_assert_eq!(order, env.max_order);
-        env.table.set_owner(idx.chunk(env.max_order), self.shard.id.owner());
+        env.table
+            .set_owner(idx.chunk(env.max_order), self.shard.id.owner());
         drop(shared);
         self.push(idx, order, class);
         true
@@ -533,13 +566,19 @@ impl<'a> Locked<'a> {
         while order < self.env.max_order {
             let buddy = idx.buddy(order);
             let (state, buddy_order) = table.frame(buddy).get();
-            let Some(buddy_class) = state.free_class() else { break };
+            let Some(buddy_class) = state.free_class() else {
+                break;
+            };
             if buddy_order != order {
                 break;
             }
             self.unlink(buddy, order, buddy_class);
             class = class.merge(buddy_class);
-            let (lower, upper) = if buddy < idx { (buddy, idx) } else { (idx, buddy) };
+            let (lower, upper) = if buddy < idx {
+                (buddy, idx)
+            } else {
+                (idx, buddy)
+            };
             table.frame(upper).set(FrameState::Interior, 0);
             idx = lower;
             order += 1;
@@ -571,7 +610,9 @@ impl<'a> Locked<'a> {
         }
         self.push(idx, order, class);
         if hintable && env.hint.listening() {
-            let unhinted = self.shard.unhinted_at_or_above(env.hint_min_order, env.max_order);
+            let unhinted = self
+                .shard
+                .unhinted_at_or_above(env.hint_min_order, env.max_order);
             env.hint.note_unhinted(unhinted);
         }
         if order == env.max_order && self.shard.id != ShardId::Shared {
@@ -620,7 +661,11 @@ impl<'a> Locked<'a> {
         }
         for order in from..to {
             let buddy = idx.buddy(order);
-            let class = table.frame(buddy).state().free_class().expect("checked free");
+            let class = table
+                .frame(buddy)
+                .state()
+                .free_class()
+                .expect("checked free");
             self.unlink(buddy, order, class);
             table.frame(buddy).set(FrameState::Interior, 0);
         }
@@ -659,7 +704,11 @@ impl<'a> Locked<'a> {
         let fifo = self.env.policy == AllocPolicy::Fifo;
         for order in (min_order..=self.env.max_order).rev() {
             // Oldest first: from the tail of a LIFO list, from the head of a FIFO one.
-            let mut cursor = if fifo { self.lists.head[order as usize][list] } else { self.lists.tail[order as usize][list] };
+            let mut cursor = if fifo {
+                self.lists.head[order as usize][list]
+            } else {
+                self.lists.tail[order as usize][list]
+            };
             while cursor != NIL {
                 if out.len() >= max_blocks || *budget_frames < 1 << order {
                     return result;
@@ -674,7 +723,8 @@ impl<'a> Locked<'a> {
                     let age = now.wrapping_sub(frame.since());
                     if age < cold {
                         let wait = cold - age;
-                        result.next_cold_in = Some(result.next_cold_in.map_or(wait, |w| w.min(wait)));
+                        result.next_cold_in =
+                            Some(result.next_cold_in.map_or(wait, |w| w.min(wait)));
                         if fifo {
                             continue;
                         }
@@ -721,18 +771,22 @@ impl<'a> Locked<'a> {
                 let mut prev = NIL;
                 let mut cursor = lists.head[o][list];
                 if (cursor == NIL) == (lists.nonempty[list] & 1 << order != 0) {
-                    return Err(format!("{me:?}: nonempty bit of order {order} list {list} is wrong"));
+                    return Err(format!(
+                        "{me:?}: nonempty bit of order {order} list {list} is wrong"
+                    ));
                 }
                 let mut steps = 0u64;
                 while cursor != NIL {
                     let idx = FrameIdx(cursor);
                     let frame = table.frame(idx);
                     let (state, fo) = frame.get();
-                    let class = state
-                        .free_class()
-                        .ok_or_else(|| format!("{me:?}: frame {cursor} on a free list is {state:?}"))?;
+                    let class = state.free_class().ok_or_else(|| {
+                        format!("{me:?}: frame {cursor} on a free list is {state:?}")
+                    })?;
                     if fo != order {
-                        return Err(format!("{me:?}: frame {cursor} of order {fo} on list of order {order}"));
+                        return Err(format!(
+                            "{me:?}: frame {cursor} of order {fo} on list of order {order}"
+                        ));
                     }
                     if self.list(class) != list {
                         return Err(format!("{me:?}: {class:?} frame {cursor} on list {list}"));
@@ -741,10 +795,14 @@ impl<'a> Locked<'a> {
                         return Err(format!("{me:?}: broken prev link at frame {cursor}"));
                     }
                     if idx.0 & ((1 << order) - 1) != 0 {
-                        return Err(format!("{me:?}: frame {cursor} misaligned for order {order}"));
+                        return Err(format!(
+                            "{me:?}: frame {cursor} misaligned for order {order}"
+                        ));
                     }
                     if table.owner(idx.chunk(env.max_order)) != me.owner() {
-                        return Err(format!("{me:?}: frame {cursor} lies in a chunk owned by another shard"));
+                        return Err(format!(
+                            "{me:?}: frame {cursor} lies in a chunk owned by another shard"
+                        ));
                     }
                     counts.free[o][class as usize] += 1;
                     prev = cursor;
@@ -755,7 +813,9 @@ impl<'a> Locked<'a> {
                     }
                 }
                 if lists.tail[o][list] != prev {
-                    return Err(format!("{me:?}: tail of order {order} list {list} is wrong"));
+                    return Err(format!(
+                        "{me:?}: tail of order {order} list {list} is wrong"
+                    ));
                 }
             }
             {
@@ -764,7 +824,9 @@ impl<'a> Locked<'a> {
                 while cursor != NIL {
                     let (state, fo) = table.frame(FrameIdx(cursor)).get();
                     if state != FrameState::Cached || fo != order {
-                        return Err(format!("{me:?}: cached frame {cursor} is {state:?} order {fo}"));
+                        return Err(format!(
+                            "{me:?}: cached frame {cursor} is {state:?} order {fo}"
+                        ));
                     }
                     len += 1;
                     cursor = table.frame(FrameIdx(cursor)).next();
@@ -773,13 +835,17 @@ impl<'a> Locked<'a> {
                     }
                 }
                 if len != lists.cache_len[o] {
-                    return Err(format!("{me:?}: cache length of order {order} is {} but {len} listed", lists.cache_len[o]));
+                    return Err(format!(
+                        "{me:?}: cache length of order {order} is {} but {len} listed",
+                        lists.cache_len[o]
+                    ));
                 }
                 counts.cached[o] = len as u64;
             }
         }
         // Fresh chunks count as free zero blocks of the top order.
-        counts.free[env.max_order as usize][FreeClass::Zero as usize] += (lists.fresh_end - lists.fresh_next) as u64;
+        counts.free[env.max_order as usize][FreeClass::Zero as usize] +=
+            (lists.fresh_end - lists.fresh_next) as u64;
         for order in 0..=env.max_order as usize {
             let c = &self.shard.counters[order];
             let listed: u64 = counts.free[order].iter().sum::<u64>() + counts.cached[order];
@@ -787,13 +853,27 @@ impl<'a> Locked<'a> {
                 if counter == walked {
                     Ok(())
                 } else {
-                    Err(format!("{me:?}: order {order} {what} counter says {counter}, lists hold {walked}"))
+                    Err(format!(
+                        "{me:?}: order {order} {what} counter says {counter}, lists hold {walked}"
+                    ))
                 }
             };
             check("free", c.free(), listed)?;
-            check("hinted", c.hinted.load(Ordering::Acquire), counts.free[order][FreeClass::Hinted as usize])?;
-            check("zero", c.zero.load(Ordering::Acquire), counts.free[order][FreeClass::Zero as usize])?;
-            check("cached", c.cached.load(Ordering::Acquire), counts.cached[order])?;
+            check(
+                "hinted",
+                c.hinted.load(Ordering::Acquire),
+                counts.free[order][FreeClass::Hinted as usize],
+            )?;
+            check(
+                "zero",
+                c.zero.load(Ordering::Acquire),
+                counts.free[order][FreeClass::Zero as usize],
+            )?;
+            check(
+                "cached",
+                c.cached.load(Ordering::Acquire),
+                counts.cached[order],
+            )?;
             for class in 0..CLASSES {
                 seen.free[order][class] += counts.free[order][class];
             }

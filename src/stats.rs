@@ -2,9 +2,9 @@
 
 use std::fmt;
 
+use crate::FRAME_SIZE;
 use crate::pool::PoolCore;
 use crate::sync::Ordering::{Acquire, Relaxed};
-use crate::FRAME_SIZE;
 
 /// Counts for one order, summed over all shards and the shared pool.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -101,9 +101,17 @@ pub struct Stats {
 impl Stats {
     pub(crate) fn collect(core: &PoolCore) -> Self {
         let max = core.max_order();
-        let mut stats = Stats { capacity: core.resolved.capacity, shards: core.shard_count(), ..Default::default() };
+        let mut stats = Stats {
+            capacity: core.resolved.capacity,
+            shards: core.shard_count(),
+            ..Default::default()
+        };
         stats.orders = (0..=max)
-            .map(|order| OrderStats { order, block_size: FRAME_SIZE << order, ..Default::default() })
+            .map(|order| OrderStats {
+                order,
+                block_size: FRAME_SIZE << order,
+                ..Default::default()
+            })
             .collect();
         for shard in core.all_shards() {
             let mut shard_free = 0;
@@ -176,7 +184,8 @@ impl Stats {
 
     /// Free bytes that are resident: free minus hinted minus known-zero.
     pub fn resident_free_bytes(&self) -> u64 {
-        self.free_bytes.saturating_sub(self.hinted_bytes + self.zero_bytes)
+        self.free_bytes
+            .saturating_sub(self.hinted_bytes + self.zero_bytes)
     }
 }
 
@@ -208,7 +217,11 @@ pub(crate) fn human(bytes: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{bytes} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 impl fmt::Display for Stats {
@@ -228,7 +241,15 @@ impl fmt::Display for Stats {
         writeln!(
             f,
             "{:>5} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12}",
-            "order", "size", "allocated", "free", "unhinted", "hinted", "zero", "cached", "freed total"
+            "order",
+            "size",
+            "allocated",
+            "free",
+            "unhinted",
+            "hinted",
+            "zero",
+            "cached",
+            "freed total"
         )?;
         for o in &self.orders {
             if o.free == 0 && o.allocated == 0 && o.freed_total == 0 && o.in_flight == 0 {

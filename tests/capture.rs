@@ -23,7 +23,10 @@ fn fill(pool: &PagePool, order: u8) -> Vec<Block> {
     while let Ok(block) = pool.alloc(order) {
         blocks.push(block);
     }
-    assert_eq!(pool.alloc(0).map(|b| pool.free(b)), Err(AllocError::Exhausted { order: 0 }));
+    assert_eq!(
+        pool.alloc(0).map(|b| pool.free(b)),
+        Err(AllocError::Exhausted { order: 0 })
+    );
     blocks
 }
 
@@ -53,7 +56,11 @@ fn a_free_on_another_thread_and_shard_hands_the_block_over() {
         waiter.join().unwrap()
     })
     .expect("the waiter gets the freed block");
-    assert_eq!(got.as_ptr() as usize, target, "the very block that was freed");
+    assert_eq!(
+        got.as_ptr() as usize,
+        target,
+        "the very block that was freed"
+    );
     assert_eq!(pool.stats().capture.captures, 1);
     pool.free(got);
     for b in shard0.drain(..).chain(shard1.drain(..)) {
@@ -82,7 +89,11 @@ fn a_larger_coalesced_block_is_split_and_the_rest_freed() {
     assert_eq!(got.order(), 5);
     let s = pool.stats();
     assert_eq!(s.capture.captures, 1);
-    assert_eq!(s.orders[5].free + s.orders[6].free, 2, "the remainder is free:\n{s}");
+    assert_eq!(
+        s.orders[5].free + s.orders[6].free,
+        2,
+        "the remainder is free:\n{s}"
+    );
     assert_eq!(s.free_bytes, (16 * 32 - 128) << 10);
     pool.free(got);
     for b in blocks {
@@ -106,7 +117,9 @@ fn timeout_with_a_block_arriving_at_the_deadline_leaks_nothing() {
             });
             barrier.wait();
             // Free right around the deadline: a little before, at, or after it.
-            std::thread::sleep(timeout + Duration::from_micros(250 * (round % 8)) - Duration::from_millis(1));
+            std::thread::sleep(
+                timeout + Duration::from_micros(250 * (round % 8)) - Duration::from_millis(1),
+            );
             pool.free(blocks.pop().unwrap());
             waiter.join().unwrap()
         });
@@ -123,7 +136,11 @@ fn timeout_with_a_block_arriving_at_the_deadline_leaks_nothing() {
             Err(other) => panic!("unexpected {other}"),
         }
         let s = pool.stats();
-        assert_eq!(s.allocated_bytes, 2 * (2 << 20), "round {round}: a block leaked or doubled:\n{s}");
+        assert_eq!(
+            s.allocated_bytes,
+            2 * (2 << 20),
+            "round {round}: a block leaked or doubled:\n{s}"
+        );
         assert_eq!(s.capture.waiting, 0);
     }
     println!("{ok} captured, {timeouts} timed out");
@@ -163,7 +180,11 @@ fn several_waiters_of_one_order_are_served_first_come_first_served() {
     });
     let (freed, got) = results;
     for (i, _, block) in &got {
-        assert_eq!(block.as_ptr() as usize, freed[*i], "waiter {i} should get the {i}th freed block");
+        assert_eq!(
+            block.as_ptr() as usize,
+            freed[*i],
+            "waiter {i} should get the {i}th freed block"
+        );
     }
     for (_, _, b) in got {
         pool.free(b);
@@ -228,7 +249,10 @@ fn reclaim_callback_that_frees_in_pieces_gets_its_block() {
     let s = pool.stats();
     assert_eq!(s.capture.reclaim_rounds, 4);
     assert_eq!(s.capture.captures, 1);
-    assert_eq!(s.free_bytes, 0, "nothing else freed: the block went straight to the reclaimer");
+    assert_eq!(
+        s.free_bytes, 0,
+        "nothing else freed: the block went straight to the reclaimer"
+    );
     pool.free(block);
     for b in owned {
         pool.free(b);
@@ -247,7 +271,13 @@ fn reclaim_that_cannot_succeed_reports_it() {
             rounds < 3 // "evicts" twice without freeing anything, then gives up
         })
         .unwrap_err();
-    assert_eq!(err, AllocError::ReclaimFailed { order: 4, rounds: 2 });
+    assert_eq!(
+        err,
+        AllocError::ReclaimFailed {
+            order: 4,
+            rounds: 2
+        }
+    );
     assert_eq!(pool.stats().capture.waiting, 0, "the request was withdrawn");
     for b in blocks {
         pool.free(b);
@@ -260,8 +290,14 @@ fn small_orders_never_wait() {
     let pool = pool(1, 1).build().unwrap();
     let blocks = fill(&pool, 0);
     let start = Instant::now();
-    assert_eq!(pool.alloc_wait(2, Duration::from_secs(10)).unwrap_err(), AllocError::Exhausted { order: 2 });
-    assert!(start.elapsed() < Duration::from_secs(5), "an order below the capture minimum waited");
+    assert_eq!(
+        pool.alloc_wait(2, Duration::from_secs(10)).unwrap_err(),
+        AllocError::Exhausted { order: 2 }
+    );
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "an order below the capture minimum waited"
+    );
     assert_eq!(pool.stats().capture.waits, 0);
     for b in blocks {
         pool.free(b);
@@ -272,7 +308,10 @@ fn small_orders_never_wait() {
 fn with_capture_off_a_waiter_polls_until_its_deadline() {
     let pool = pool(1, 1).capture(false).build().unwrap();
     let mut blocks = fill(&pool, 9);
-    assert_eq!(pool.alloc_wait(9, Duration::from_millis(20)).unwrap_err(), AllocError::Timeout { order: 9 });
+    assert_eq!(
+        pool.alloc_wait(9, Duration::from_millis(20)).unwrap_err(),
+        AllocError::Timeout { order: 9 }
+    );
     let got = std::thread::scope(|s| {
         let waiter = s.spawn(|| pool.alloc_wait(9, Duration::from_secs(10)));
         std::thread::sleep(Duration::from_millis(20));
@@ -298,6 +337,9 @@ fn wait_returns_at_once_when_a_block_is_free() {
     pool.free(block);
     assert_eq!(
         pool.alloc_wait(11, Duration::from_secs(1)).unwrap_err(),
-        AllocError::OrderTooLarge { order: 11, max_order: 10 }
+        AllocError::OrderTooLarge {
+            order: 11,
+            max_order: 10
+        }
     );
 }

@@ -29,13 +29,21 @@ fn in_block(ptr: *const u8, block_start: usize, len: usize) -> bool {
 fn fresh_memory_is_known_zero_and_freed_memory_unhinted() {
     let pool = quiet(4).build().unwrap();
     let s = pool.stats();
-    assert_eq!(s.zero_bytes, 4 * CHUNK as u64, "a fresh mapping is known-zero");
+    assert_eq!(
+        s.zero_bytes,
+        4 * CHUNK as u64,
+        "a fresh mapping is known-zero"
+    );
     let mut block = pool.alloc(10).unwrap();
     block.as_mut_slice()[0] = 1;
     pool.free(block);
     let s = pool.stats();
     assert_eq!(s.zero_bytes, 3 * CHUNK as u64);
-    assert_eq!(s.resident_free_bytes(), CHUNK as u64, "a freed block is unhinted");
+    assert_eq!(
+        s.resident_free_bytes(),
+        CHUNK as u64,
+        "a freed block is unhinted"
+    );
     pool.check_consistency().unwrap();
 }
 
@@ -58,7 +66,11 @@ fn hint_now_turns_unhinted_into_hinted_and_allocation_clears_it() {
     let c = pool.alloc(10).unwrap();
     assert_eq!(pool.stats().hinted_bytes, CHUNK as u64);
     pool.free(c);
-    assert_eq!(pool.stats().hinted_bytes, CHUNK as u64, "a freed block is unhinted again");
+    assert_eq!(
+        pool.stats().hinted_bytes,
+        CHUNK as u64,
+        "a freed block is unhinted again"
+    );
     // Blocks below the hint order are never hinted.
     let d = pool.alloc(8).unwrap();
     let e = pool.alloc(8).unwrap();
@@ -84,21 +96,45 @@ fn allocation_prefers_unhinted_then_hinted_then_zero() {
     // Hinted before zero.
     let mut hot = pool.alloc(10).unwrap();
     let hot_addr = hot.as_ptr() as usize;
-    assert!(hot_addr == c0_addr || hot_addr == c1_addr, "a hinted chunk before a zero one");
-    let cold_addr = if hot_addr == c0_addr { c1_addr } else { c0_addr };
+    assert!(
+        hot_addr == c0_addr || hot_addr == c1_addr,
+        "a hinted chunk before a zero one"
+    );
+    let cold_addr = if hot_addr == c0_addr {
+        c1_addr
+    } else {
+        c0_addr
+    };
     hot.as_mut_slice()[0] = 7;
     pool.free(hot);
     let s = pool.stats();
-    assert_eq!((s.orders[10].unhinted, s.orders[10].hinted, s.orders[10].zero), (1, 1, 2));
+    assert_eq!(
+        (
+            s.orders[10].unhinted,
+            s.orders[10].hinted,
+            s.orders[10].zero
+        ),
+        (1, 1, 2)
+    );
 
     // Small blocks split the unhinted chunk, not the hinted or zero ones.
     let small = pool.alloc(0).unwrap();
-    assert!(in_block(small.as_ptr(), hot_addr, CHUNK), "order 0 should come from the unhinted chunk");
+    assert!(
+        in_block(small.as_ptr(), hot_addr, CHUNK),
+        "order 0 should come from the unhinted chunk"
+    );
     let half = pool.alloc(9).unwrap();
-    assert!(in_block(half.as_ptr(), hot_addr, CHUNK), "the unhinted chunk's other half next");
+    assert!(
+        in_block(half.as_ptr(), hot_addr, CHUNK),
+        "the unhinted chunk's other half next"
+    );
     // Only hinted and zero chunks are whole now: hinted first, zero last.
     let next = pool.alloc(10).unwrap();
-    assert_eq!(next.as_ptr() as usize, cold_addr, "the hinted chunk before a zero one");
+    assert_eq!(
+        next.as_ptr() as usize,
+        cold_addr,
+        "the hinted chunk before a zero one"
+    );
     let zero = pool.alloc(10).unwrap();
     assert!(![c0_addr, c1_addr].contains(&(zero.as_ptr() as usize)));
     for b in [small, half, next, zero] {
@@ -137,7 +173,11 @@ fn fifo_policy_takes_the_oldest_free_block() {
     }
     pool.hint_now(); // all three hinted: FIFO ignores that
     let again = pool.alloc(10).unwrap();
-    assert_eq!(again.as_ptr() as usize, addrs[0], "FIFO reuses the block freed first");
+    assert_eq!(
+        again.as_ptr() as usize,
+        addrs[0],
+        "FIFO reuses the block freed first"
+    );
     pool.free(again);
     // Under the preference policy the just-freed (unhinted) block would come back instead.
     let next = pool.alloc(10).unwrap();
@@ -154,7 +194,11 @@ fn fifo_policy_takes_the_oldest_free_block() {
     let hot = preferred.alloc(10).unwrap();
     let hot_addr = hot.as_ptr() as usize;
     preferred.free(hot);
-    assert_eq!(preferred.alloc(10).map(|b| b.as_ptr() as usize).unwrap(), hot_addr, "unhinted first");
+    assert_eq!(
+        preferred.alloc(10).map(|b| b.as_ptr() as usize).unwrap(),
+        hot_addr,
+        "unhinted first"
+    );
 }
 
 /// Frees a buddy while the hinter has a block isolated: the hinted block then merges with
@@ -206,15 +250,25 @@ fn dontneed_mode_makes_blocks_known_zero_and_non_resident() {
     assert_eq!(report.blocks, 1);
     let s = pool.stats();
     assert_eq!(s.hinted_bytes, 0);
-    assert_eq!(s.zero_bytes, 2 * CHUNK as u64, "DONTNEED blocks are known-zero");
+    assert_eq!(
+        s.zero_bytes,
+        2 * CHUNK as u64,
+        "DONTNEED blocks are known-zero"
+    );
     // The kernel really dropped the pages: mincore reports them not resident.
     let mut vec = vec![0u8; CHUNK / 4096];
     // SAFETY: addr..addr+CHUNK lies in the pool's mapping; `vec` has one byte per page.
     let rc = unsafe { libc::mincore(addr.cast(), CHUNK, vec.as_mut_ptr()) };
     if rc == 0 {
-        assert!(vec.iter().all(|&v| v & 1 == 0), "pages still resident after MADV_DONTNEED");
+        assert!(
+            vec.iter().all(|&v| v & 1 == 0),
+            "pages still resident after MADV_DONTNEED"
+        );
     } else {
-        println!("skipping residency check: mincore failed: {}", std::io::Error::last_os_error());
+        println!(
+            "skipping residency check: mincore failed: {}",
+            std::io::Error::last_os_error()
+        );
     }
     // Known-zero means alloc_zeroed needs no memset, and the bytes really are zero.
     let again = pool.alloc_zeroed(10).unwrap();
@@ -296,13 +350,20 @@ fn panicking_advisor_does_not_poison_the_pool() {
 
 #[test]
 fn heap_backing_hints_as_bookkeeping() {
-    let pool = quiet(1).backing(Backing::Heap).hint_mode(HintMode::DontNeed).build().unwrap();
+    let pool = quiet(1)
+        .backing(Backing::Heap)
+        .hint_mode(HintMode::DontNeed)
+        .build()
+        .unwrap();
     let mut block = pool.alloc(10).unwrap();
     block.as_mut_slice().fill(9);
     pool.free(block);
     pool.hint_now();
     let zeroed = pool.alloc_zeroed(10).unwrap();
-    assert!(zeroed.as_slice().iter().all(|&b| b == 0), "DONTNEED on the heap is emulated by zeroing");
+    assert!(
+        zeroed.as_slice().iter().all(|&b| b == 0),
+        "DONTNEED on the heap is emulated by zeroing"
+    );
     pool.free(zeroed);
 }
 
@@ -353,10 +414,18 @@ fn background_thread_hints_cold_blocks_and_stops_cleanly() {
     }
     // Not before the delay...
     std::thread::sleep(Duration::from_millis(30));
-    assert_eq!(pool.stats().hinted_bytes, 0, "blocks are hinted only once cold");
+    assert_eq!(
+        pool.stats().hinted_bytes,
+        0,
+        "blocks are hinted only once cold"
+    );
     // ...but soon after.
     while pool.stats().hinted_bytes < 4 * CHUNK as u64 {
-        assert!(freed.elapsed() < Duration::from_secs(10), "hinter did not run: {}", pool.stats());
+        assert!(
+            freed.elapsed() < Duration::from_secs(10),
+            "hinter did not run: {}",
+            pool.stats()
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     // Idle: the thread sleeps without using CPU.
@@ -365,7 +434,11 @@ fn background_thread_hints_cold_blocks_and_stops_cleanly() {
     {
         std::thread::sleep(Duration::from_millis(500));
         let after = thread_cpu_ticks(tid).unwrap_or(before);
-        assert!(after - before <= 1, "idle hinter used {} ticks of CPU", after - before);
+        assert!(
+            after - before <= 1,
+            "idle hinter used {} ticks of CPU",
+            after - before
+        );
     }
     pool.shutdown();
     assert!(!pool.hinter_running());
@@ -389,7 +462,10 @@ fn high_water_mark_delays_the_wake_up() {
     // The thread runs one pass as it starts; let it finish.
     let started = Instant::now();
     while pool.stats().hint.passes < 1 {
-        assert!(started.elapsed() < Duration::from_secs(10), "no start-up pass");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "no start-up pass"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
     std::thread::sleep(Duration::from_millis(50));
@@ -398,12 +474,20 @@ fn high_water_mark_delays_the_wake_up() {
     pool.free(it.next().unwrap());
     pool.free(it.next().unwrap());
     std::thread::sleep(Duration::from_millis(200));
-    assert_eq!(pool.stats().hint.passes, 1, "two unhinted blocks are below the mark of three");
+    assert_eq!(
+        pool.stats().hint.passes,
+        1,
+        "two unhinted blocks are below the mark of three"
+    );
     assert_eq!(pool.stats().hinted_bytes, 0);
     pool.free(it.next().unwrap());
     let start = Instant::now();
     while pool.stats().hinted_bytes < 3 * CHUNK as u64 {
-        assert!(start.elapsed() < Duration::from_secs(10), "mark reached but no pass: {}", pool.stats());
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "mark reached but no pass: {}",
+            pool.stats()
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -421,8 +505,14 @@ fn counters_are_monotonic_and_their_difference_is_the_free_count() {
         assert!(new.freed_total >= old.freed_total && new.bound_total >= old.bound_total);
         assert_eq!(new.freed_total - new.bound_total, new.free);
     }
-    assert!(now.orders[3].freed_total - snapshot.orders[3].freed_total >= 64, "freed since the snapshot");
+    assert!(
+        now.orders[3].freed_total - snapshot.orders[3].freed_total >= 64,
+        "freed since the snapshot"
+    );
     let hinted = AtomicU64::new(0);
     hinted.store(now.hinted_bytes, Ordering::Relaxed);
-    assert_eq!(now.free_bytes + now.allocated_bytes + now.in_flight_bytes, now.capacity as u64);
+    assert_eq!(
+        now.free_bytes + now.allocated_bytes + now.in_flight_bytes,
+        now.capacity as u64
+    );
 }

@@ -4,7 +4,11 @@ use pagepool::PagePool;
 
 #[test]
 fn a_block_outliving_its_pool_stays_valid_memory() {
-    let pool = PagePool::builder().capacity(8 << 20).hint_thread(true).build().unwrap();
+    let pool = PagePool::builder()
+        .capacity(8 << 20)
+        .hint_thread(true)
+        .build()
+        .unwrap();
     let mut block = pool.alloc(4).unwrap();
     block.as_mut_slice().fill(3);
     drop(pool); // stops the hinter; the region is leaked, not unmapped, since a block lives
