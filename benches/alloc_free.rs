@@ -111,7 +111,7 @@ impl Rng {
     }
     #[inline]
     fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32) * n as u64 >> 32) as usize
+        (((self.next() >> 32) * n as u64) >> 32) as usize
     }
     /// Mostly small, some 2 MiB: the harness's mix (percent per order).
     #[inline]

@@ -29,7 +29,7 @@ impl Rng {
     /// A value in `0..n`.
     #[inline]
     pub fn below(&mut self, n: usize) -> usize {
-        ((self.next() >> 32) * n as u64 >> 32) as usize
+        (((self.next() >> 32) * n as u64) >> 32) as usize
     }
 }
 
@@ -198,7 +198,7 @@ impl Job for Random {
                 let barrier = &barrier;
                 let tx = tx.clone();
                 s.spawn(move || {
-                    let mut rng = Rng::new(seed ^ (t as u64 + 1) * 0x51_7CC1_B727_220A);
+                    let mut rng = Rng::new(seed ^ ((t as u64 + 1) * 0x51_7CC1_B727_220A));
                     let mut slots: Vec<Option<(A::Handle, u8)>> = Vec::new();
                     let mut live = 0usize;
                     let mut failures = 0u64;
