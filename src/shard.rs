@@ -642,20 +642,19 @@ impl<'a> Locked<'a> {
             return false;
         }
         let table = self.env.table;
-        let all_free = |order: u8| {
+        let whole_free = |order: u8| {
             let (state, o) = table.frame(idx.buddy(order)).get();
-            o == order && (state.free_class().is_some() || state == FrameState::Cached)
+            o == order && state.free_class().is_some()
         };
-        if !(from..to).all(all_free) {
-            return false;
-        }
-        if (from..to).any(|o| table.frame(idx.buddy(o)).state() == FrameState::Cached) {
-            self.drain_cache(0);
-            // Draining may merge the buddies into larger blocks; check again.
-            if !(from..to).all(|o| table.frame(idx.buddy(o)).get().0.free_class().is_some()) {
+        if !(from..to).all(whole_free) {
+            // A buddy that starts with a cached piece may be whole once the cache merges.
+            let cached =
+                (from..to).any(|o| table.frame(idx.buddy(o)).state() == FrameState::Cached);
+            if !cached {
                 return false;
             }
-            if !(from..to).all(|o| table.frame(idx.buddy(o)).order() == o) {
+            self.drain_cache(0);
+            if !(from..to).all(whole_free) {
                 return false;
             }
         }
