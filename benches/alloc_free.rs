@@ -1,6 +1,6 @@
-//! Issue 2's first benchmark: order-0 and order-9 alloc+free and a mixed-order random
-//! workload, pagepool against glibc's `posix_memalign` of the same sizes and alignment,
-//! on 1 and 2 threads. Each block gets one byte written, as in the harness.
+//! Issue 2's first benchmark: order-0 and order-9 alloc+free (through the pool and through a
+//! `LocalCache`) and a mixed-order random workload, pagepool against glibc's
+//! `posix_memalign` of the same sizes and alignment, on 1 and 2 threads. Each block gets one byte written, as in the harness.
 //!
 //! `cargo bench --bench alloc_free` (a few minutes). The side-by-side comparison with every
 //! peer lives in the `pagepool-bench` harness (`benches/harness`).
@@ -147,6 +147,18 @@ fn repeat<A: Alloc>(a: &A, order: u8, threads: usize, iters: u64) -> Duration {
     })
 }
 
+/// `repeat` through one `LocalCache` per thread (made before the loop, as a worker would).
+fn repeat_cached(pool: &PagePool, order: u8, threads: usize, iters: u64) -> Duration {
+    on_threads(threads, iters, |_, n| {
+        let mut cache = pool.local_cache();
+        for _ in 0..n {
+            let b = cache.alloc(black_box(order)).expect("pool has room");
+            touch(b.as_ptr());
+            cache.free(b);
+        }
+    })
+}
+
 /// Each thread keeps `LIVE / threads` bytes live (filled before the clock starts, outside
 /// the measured time only approximately: the fill is per sample and excluded below).
 fn random<A: Alloc>(a: &A, threads: usize, iters: u64, seed: u64) -> Duration {
@@ -210,6 +222,11 @@ fn benches(c: &mut Criterion) {
             g.bench_with_input(BenchmarkId::new("pagepool", threads), &threads, |b, &t| {
                 b.iter_custom(|iters| repeat(&pool, order, t, iters))
             });
+            g.bench_with_input(
+                BenchmarkId::new("pagepool_local_cache", threads),
+                &threads,
+                |b, &t| b.iter_custom(|iters| repeat_cached(&pool, order, t, iters)),
+            );
             g.bench_with_input(
                 BenchmarkId::new("posix_memalign", threads),
                 &threads,

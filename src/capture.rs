@@ -17,9 +17,13 @@
 //! 3. **Hand-off.** A free (holding its shard lock) calls [`CaptureRegistry::offer`]: the
 //!    oldest request whose order fits is removed from the queue and filled, under the queue
 //!    lock, and woken.
-//! 4. **Withdraw.** On timeout the waiter removes its request under the queue lock *before*
+//! 4. **Reserve.** Still without a block, the waiter reserves the region of its order
+//!    closest to whole (see `shard::reservation`): frees inside it merge out of reach of
+//!    other allocations, and the region goes to this request, by ticket, once whole.
+//! 5. **Withdraw.** On timeout the waiter removes its request under the queue lock *before*
 //!    reading the result. If the request was already gone, a block was handed over in
-//!    between, and the waiter takes it rather than leaking it (Linux's second bug).
+//!    between, and the waiter takes it rather than leaking it (Linux's second bug). Then it
+//!    ends its reservation; a region completed in between finds no request and is freed.
 //!
 //! Lock order: shard, then queue, then request. The free path's cost when nobody waits is
 //! one relaxed load of `waiting`.
@@ -33,8 +37,22 @@ use crate::sync::{Arc, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 /// One waiting request.
 pub(crate) struct Request {
     order: u8,
+    /// Names the request in the reservation it may hold.
+    ticket: u64,
     filled: Mutex<Option<FrameIdx>>,
     wake: Condvar,
+}
+
+impl Request {
+    /// The order it waits for.
+    pub(crate) fn order(&self) -> u8 {
+        self.order
+    }
+
+    /// The name its reservation goes by.
+    pub(crate) fn ticket(&self) -> u64 {
+        self.ticket
+    }
 }
 
 /// Capture counters, read by `stats()`.
@@ -44,6 +62,7 @@ pub(crate) struct CaptureCounters {
     pub(crate) waits: AtomicU64,
     pub(crate) timeouts: AtomicU64,
     pub(crate) reclaim_rounds: AtomicU64,
+    pub(crate) reservations: AtomicU64,
 }
 
 /// The queue of waiting requests.
@@ -51,6 +70,7 @@ pub(crate) struct CaptureRegistry {
     /// `u8::MAX` when capture is off, so no order qualifies.
     min_order: u8,
     waiting: AtomicUsize,
+    next_ticket: AtomicU64,
     queue: Mutex<VecDeque<Arc<Request>>>,
     pub(crate) counters: CaptureCounters,
 }
@@ -60,6 +80,7 @@ impl CaptureRegistry {
         Self {
             min_order: if enabled { min_order } else { u8::MAX },
             waiting: AtomicUsize::new(0),
+            next_ticket: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
             counters: CaptureCounters::default(),
         }
@@ -82,6 +103,7 @@ impl CaptureRegistry {
     pub(crate) fn publish(&self, order: u8) -> Arc<Request> {
         let request = Arc::new(Request {
             order,
+            ticket: self.next_ticket.fetch_add(1, Ordering::Relaxed),
             filled: Mutex::new(None),
             wake: Condvar::new(),
         });
@@ -99,13 +121,28 @@ impl CaptureRegistry {
     pub(crate) fn offer(&self, idx: FrameIdx, order: u8) -> Option<u8> {
         let mut queue = self.queue.lock();
         let pos = queue.iter().position(|r| r.order <= order)?;
+        Some(self.fill(&mut queue, pos, idx))
+    }
+
+    /// Hands the block at `idx`, of the request's order, to the request `ticket` if it
+    /// still waits. Called with the lock of the shard that owns `idx` held.
+    pub(crate) fn offer_to(&self, ticket: u64, idx: FrameIdx) -> bool {
+        let mut queue = self.queue.lock();
+        let Some(pos) = queue.iter().position(|r| r.ticket == ticket) else {
+            return false;
+        };
+        self.fill(&mut queue, pos, idx);
+        true
+    }
+
+    /// Removes the request at `pos`, fills it with `idx` and wakes it. Returns its order.
+    fn fill(&self, queue: &mut VecDeque<Arc<Request>>, pos: usize, idx: FrameIdx) -> u8 {
         let request = queue.remove(pos).expect("position is in range");
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         *request.filled.lock() = Some(idx);
         request.wake.notify_all();
-        drop(queue);
         self.counters.captures.fetch_add(1, Ordering::Relaxed);
-        Some(request.order)
+        request.order
     }
 
     /// Waits until the request is filled or `deadline` passes. Does not withdraw.

@@ -88,6 +88,7 @@ pub struct PoolBuilder {
     pub(crate) hint: HintConfig,
     pub(crate) capture: bool,
     pub(crate) capture_min_order: u8,
+    pub(crate) capture_reserve: bool,
     pub(crate) cache_blocks: u32,
     pub(crate) keep_chunks: u32,
 }
@@ -134,6 +135,7 @@ impl PoolBuilder {
             },
             capture: true,
             capture_min_order: 3,
+            capture_reserve: true,
             cache_blocks: 32,
             keep_chunks: 2,
         }
@@ -256,6 +258,16 @@ impl PoolBuilder {
     /// `PAGE_ALLOC_COSTLY_ORDER`: smaller blocks are plentiful after any free.
     pub const fn capture_min_order(mut self, order: u8) -> Self {
         self.capture_min_order = order;
+        self
+    }
+
+    /// Let a waiting request reserve the region of its order closest to whole, so that
+    /// frees inside it merge there instead of feeding other allocations. Default on (with
+    /// capture). While a request waits, allocations cannot take the free pieces of its
+    /// region: at most one block of the request's order is held back per waiter. Off, a
+    /// waiter gets a block only when all its pieces happen to be free at once.
+    pub const fn capture_reserve(mut self, on: bool) -> Self {
+        self.capture_reserve = on;
         self
     }
 

@@ -98,7 +98,8 @@ pub enum AllocError {
         /// The pool's maximum order.
         max_order: u8,
     },
-    /// No shard holds a free block of this order or larger.
+    /// No shard holds a free block of this order or larger (outside regions reserved by
+    /// waiting capture requests).
     Exhausted {
         /// Requested order.
         order: u8,

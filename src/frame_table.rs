@@ -77,6 +77,9 @@ pub(crate) enum FrameState {
     Cached = 5,
     /// Taken off the free lists by the hinter while it advises the kernel.
     Isolated = 6,
+    /// Held, free, by a [`LocalCache`](crate::LocalCache): allocated as far as the shards
+    /// know. Written by the cache's owner without a lock (see `local_cache`).
+    LocalCached = 7,
 }
 
 impl FrameState {
@@ -88,6 +91,7 @@ impl FrameState {
             4 => Self::Zero,
             5 => Self::Cached,
             6 => Self::Isolated,
+            7 => Self::LocalCached,
             _ => Self::Interior,
         }
     }
@@ -171,11 +175,6 @@ impl Frame {
     #[inline]
     pub(crate) fn state(&self) -> FrameState {
         FrameState::from_bits(self.meta.load(Relaxed))
-    }
-
-    #[inline]
-    pub(crate) fn order(&self) -> u8 {
-        ((self.meta.load(Relaxed) >> 4) & 0x1f) as u8
     }
 
     /// State and order in one load.

@@ -49,6 +49,7 @@ pub trait Advisor: Send + Sync {
 pub(crate) struct OsAdvisor {
     /// 0 = not tried yet, 1 = works, 2 = unsupported. A cache of a probe, not part of any
     /// protocol, so it is a plain std atomic even under loom (and can live in a static).
+    #[cfg_attr(loom, allow(dead_code))] // loom models make no syscalls
     batched: std::sync::atomic::AtomicU8,
 }
 

@@ -11,7 +11,8 @@
 //!    refaults.
 //! 2. **Capture.** A waiting large request ([`PagePool::alloc_wait`],
 //!    [`PagePool::alloc_with_reclaim`]) takes blocks as concurrent frees coalesce them,
-//!    before other allocations can eat the pieces.
+//!    before other allocations can eat the pieces: it reserves the region of its order
+//!    closest to whole, so allocations skip that region's free pieces until it completes.
 //!
 //! # Quick start
 //! ```
@@ -36,11 +37,14 @@
 //!   order of each block head, and when a large block became free. Nothing is ever written
 //!   into the blocks: hinted memory must stay untouched.
 //! - `shard`: one buddy allocator: per-order free lists split by hint class, a cache of
-//!   small freed blocks, and lock-free counters (`freed`/`bound`, as in the seed).
+//!   small freed blocks, and lock-free counters (`freed`/`bound`, as in the seed);
+//!   `shard::reservation` keeps the regions reserved for capture requests.
 //! - `pool`: shard choice by CPU, balancing through a shared pool of whole free chunks and
 //!   by allocating from other shards, frees routed to the chunk's owner.
 //! - `hint`: the hinter thread and its isolate / advise / return protocol.
 //! - `capture`: the queue of waiting requests and the hand-off protocol.
+//! - `local_cache`: [`LocalCache`], a caller-owned cache of free blocks in front of the
+//!   shards, with no lock on its fast path.
 //! - `stats`, `config`, `error`, `process_memory` (honest `Rss - LazyFree` readings), and
 //!   `sync`, the facade that swaps `std` for `loom`.
 //! - `global`: [`PoolAlloc`], the pool as a `#[global_allocator]`: small requests to a
@@ -88,6 +92,7 @@ mod frame_table;
 #[cfg(not(loom))]
 mod global;
 mod hint;
+mod local_cache;
 mod pool;
 mod process_memory;
 mod region;
@@ -101,6 +106,7 @@ pub use error::{AllocError, BuildError, FreeError};
 pub use global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
 #[doc(hidden)]
 pub use hint::Advisor;
+pub use local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
 pub use pool::{Block, HintReport, PagePool};
 pub use process_memory::{ProcessMemory, minor_faults};
 pub use stats::{CaptureStats, HintStats, OrderStats, Stats};

@@ -57,6 +57,9 @@ pub(crate) struct PoolCore {
     pub(crate) resolved: Resolved,
     /// Blocks each order's small-block cache may hold.
     cache_limits: [u32; crate::shard::ORDERS],
+    /// Each live `LocalCache`'s count of the frames it holds (counted as allocated by the
+    /// shards), for `stats()`.
+    pub(crate) local_caches: crate::sync::Mutex<Vec<crate::sync::Arc<crate::sync::AtomicU64>>>,
 }
 
 impl PoolCore {
@@ -95,6 +98,7 @@ impl PoolCore {
             config: *config,
             resolved,
             cache_limits: cache_limits(config.cache_blocks, resolved.max_order),
+            local_caches: crate::sync::Mutex::new(Vec::new()),
         })
     }
 
@@ -116,6 +120,11 @@ impl PoolCore {
     #[inline]
     pub(crate) fn id(&self) -> u32 {
         self.id
+    }
+
+    #[inline]
+    pub(crate) fn table(&self) -> &FrameTable {
+        &self.table
     }
 
     #[inline]
@@ -223,6 +232,55 @@ impl PoolCore {
         Err(AllocError::Exhausted { order })
     }
 
+    /// Allocates one block of `order` and, under the same lock of the caller's shard, up to
+    /// `want - 1` more while that shard has them at hand, passing each extra to `extra`.
+    /// For [`LocalCache`](crate::LocalCache) refills.
+    pub(crate) fn alloc_batch(
+        &self,
+        order: u8,
+        want: usize,
+        mut extra: impl FnMut(FrameIdx),
+    ) -> Result<FrameIdx, AllocError> {
+        let home = self.home_shard();
+        let env = self.env();
+        {
+            let mut shard = self.shards[home].lock(&env);
+            if let Some((first, _)) = shard.alloc(order, &PREFER_RESIDENT) {
+                for _ in 1..want {
+                    let Some((idx, _)) = shard.alloc(order, &PREFER_RESIDENT) else {
+                        break;
+                    };
+                    extra(idx);
+                }
+                return Ok(first);
+            }
+        }
+        self.alloc_slow(home, order, &PREFER_RESIDENT, &env)
+            .map(|(idx, _)| idx)
+    }
+
+    /// Frees allocated blocks of `order`, taking each owner's lock once per run of blocks
+    /// it owns. For [`LocalCache`](crate::LocalCache) spills; the blocks are not checked.
+    pub(crate) fn free_batch(&self, blocks: impl Iterator<Item = FrameIdx>, order: u8) {
+        let env = self.env();
+        let mut held: Option<(Owner, Locked<'_>)> = None;
+        for idx in blocks {
+            let chunk = idx.chunk(self.resolved.max_order);
+            let shard = loop {
+                let owner = self.table.owner(chunk);
+                if held.as_ref().is_none_or(|(o, _)| *o != owner) {
+                    drop(held.take()); // unlock before locking another shard
+                    held = Some((owner, self.shard_of(owner).lock(&env)));
+                }
+                // Whole free chunks move between shards; re-check under the lock.
+                if self.table.owner(chunk) == owner {
+                    break &mut held.as_mut().expect("just locked").1;
+                }
+            };
+            shard.free(idx, order);
+        }
+    }
+
     /// Allocates, zeroing the block unless it is known to be zero already.
     pub(crate) fn alloc_block(
         &self,
@@ -301,12 +359,60 @@ impl PoolCore {
 
     // --- capture -----------------------------------------------------------------------
 
-    fn block_at(&self, idx: FrameIdx, order: u8) -> Block {
+    #[inline]
+    pub(crate) fn block_at(&self, idx: FrameIdx, order: u8) -> Block {
         Block {
             ptr: self.frame_ptr(idx),
             order,
             pool: self.id,
         }
+    }
+
+    /// Reserves for `request` the region of its order with the most free frames among the
+    /// candidates of every shard (see `shard::reservation`). Returns the shard holding it.
+    fn reserve_region(&self, request: &crate::capture::Request) -> Option<usize> {
+        if !self.config.capture_reserve {
+            return None;
+        }
+        let (order, ticket) = (request.order(), request.ticket());
+        let env = self.env();
+        let mut best: Option<(u32, usize, FrameIdx)> = None;
+        for (i, shard) in self.shards.iter().enumerate() {
+            let candidate = shard.lock(&env).reservation_candidate(order);
+            if let Some((start, free)) = candidate
+                && best.is_none_or(|(most, ..)| free > most)
+            {
+                best = Some((free, i, start));
+            }
+        }
+        let (_, shard, start) = best?;
+        // Pieces may have moved since the look: `reserve` checks the region again.
+        if !self.shards[shard].lock(&env).reserve(start, order, ticket) {
+            return None;
+        }
+        self.capture
+            .counters
+            .reservations
+            .fetch_add(1, Ordering::Relaxed);
+        Some(shard)
+    }
+
+    /// Ends a wait: withdraws the request unless it was `filled`, then ends the reservation
+    /// `reserve_region` made, if it still stands. Withdrawing first means no free can hand
+    /// the request a block any more when its region goes back. Returns the block it got.
+    fn finish_wait(
+        &self,
+        request: &crate::sync::Arc<crate::capture::Request>,
+        reserved: Option<usize>,
+        filled: Option<FrameIdx>,
+    ) -> Option<FrameIdx> {
+        let outcome = filled.or_else(|| self.capture.withdraw(request));
+        if let Some(shard) = reserved {
+            self.shards[shard]
+                .lock(&self.env())
+                .unreserve(request.ticket());
+        }
+        outcome
     }
 
     /// Publishes a request, then tries every shard once more (see `capture`'s protocol).
@@ -345,11 +451,10 @@ impl PoolCore {
             return Ok(block);
         }
         self.capture.counters.waits.fetch_add(1, Ordering::Relaxed);
-        if let Some(idx) = self.capture.wait(&request, deadline) {
-            return Ok(self.block_at(idx, order));
-        }
-        match self.capture.withdraw(&request) {
-            // Handed over just at the deadline: it is ours, so return it.
+        let reserved = self.reserve_region(&request);
+        let filled = self.capture.wait(&request, deadline);
+        match self.finish_wait(&request, reserved, filled) {
+            // Handed over, perhaps just at the deadline: it is ours.
             Some(idx) => Ok(self.block_at(idx, order)),
             None => {
                 self.capture
@@ -415,7 +520,8 @@ impl PoolCore {
         if let Some(block) = block {
             return Ok(block);
         }
-        loop {
+        let reserved = self.reserve_region(&request);
+        let filled = loop {
             let more = reclaim();
             if more {
                 rounds += 1;
@@ -425,14 +531,12 @@ impl PoolCore {
                     .fetch_add(1, Ordering::Relaxed);
             }
             // Frees inside the callback may have been captured for us already.
-            if let Some(idx) = self.capture.wait(&request, Some(Instant::now())) {
-                return Ok(self.block_at(idx, order));
+            let filled = self.capture.wait(&request, Some(Instant::now()));
+            if filled.is_some() || !more {
+                break filled;
             }
-            if !more {
-                break;
-            }
-        }
-        if let Some(idx) = self.capture.withdraw(&request) {
+        };
+        if let Some(idx) = self.finish_wait(&request, reserved, filled) {
             return Ok(self.block_at(idx, order));
         }
         // One last look: a block may have formed while no longer registered.
@@ -480,7 +584,8 @@ impl PoolCore {
                             idx.0
                         ));
                     }
-                    S::Allocated => allocated[order as usize] += 1,
+                    // A `LocalCache`'s blocks are allocated as far as the shards know.
+                    S::Allocated | S::LocalCached => allocated[order as usize] += 1,
                     S::Isolated => isolated[order as usize] += 1,
                     S::Unhinted | S::Hinted | S::Zero | S::Cached => {
                         walked_free[order as usize] += 1
@@ -711,6 +816,11 @@ impl Block {
         unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len()) }
     }
 
+    #[inline]
+    pub(crate) fn pool_id(&self) -> u32 {
+        self.pool
+    }
+
     /// Gives up the handle and returns the pointer. Free it with [`PagePool::free_raw`],
     /// which finds the order in the frame table.
     #[inline]
@@ -770,6 +880,7 @@ impl PagePool {
         Ok(pool)
     }
 
+    #[inline]
     pub(crate) fn core(&self) -> &PoolCore {
         &self.core
     }
@@ -798,7 +909,8 @@ impl PagePool {
     ///
     /// # Errors
     /// [`AllocError::OrderTooLarge`] above the maximum order; [`AllocError::Exhausted`]
-    /// when no shard holds a free block of this order or larger.
+    /// when no shard holds a free block of this order or larger outside the regions
+    /// reserved by waiting [`alloc_wait`](Self::alloc_wait) requests.
     #[inline]
     pub fn alloc(&self, order: u8) -> Result<Block, AllocError> {
         self.core.alloc_block(order, false, None)
@@ -964,6 +1076,11 @@ impl PagePool {
     /// Waiters of one order are served first come, first served; a free that merges into a
     /// larger block than a waiter needs hands over the lower part and frees the rest.
     ///
+    /// While it waits, the request reserves the aligned region of its order with the most
+    /// free frames ([`PoolBuilder::capture_reserve`]): other allocations skip that region's
+    /// free pieces, so the frees of its remaining blocks complete it for this request
+    /// rather than feeding small allocations. The reservation ends when the call returns.
+    ///
     /// # Errors
     /// [`AllocError::Timeout`] (nothing is leaked: a block handed over at the deadline is
     /// returned instead), or as [`alloc`](Self::alloc).
@@ -1052,8 +1169,9 @@ impl PagePool {
         self.core.check_consistency()
     }
 
-    /// Merges the small-block caches back into the buddy lists, so free memory is visible
-    /// as large blocks (for example before [`hint_now`](Self::hint_now)).
+    /// Merges the shards' small-block caches back into the buddy lists, so free memory is
+    /// visible as large blocks (for example before [`hint_now`](Self::hint_now)). Blocks in
+    /// [`LocalCache`](crate::LocalCache)s stay there: only their owners can flush them.
     pub fn drain_caches(&self) {
         self.core.drain_caches();
     }

@@ -121,6 +121,8 @@ impl Region {
 }
 
 impl Drop for Region {
+    // Under loom every region is heap-backed, so the pattern cannot fail there.
+    #[cfg_attr(loom, allow(irrefutable_let_patterns))]
     fn drop(&mut self) {
         if let Memory::Heap { ptr, layout } = self.memory {
             // SAFETY: allocated in `heap` with this layout and freed only here.

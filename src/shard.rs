@@ -8,7 +8,9 @@
 //!   per-CPU lists, which since 5.13 also cover the THP order): a free followed by an
 //!   allocation of the same size touches one list head instead of merging and splitting;
 //! - for the shared shard only, the range of chunks never handed out ("fresh"), whose frame
-//!   entries have never been written.
+//!   entries have never been written;
+//! - the regions reserved for waiting capture requests, and per order one more list that
+//!   holds the free pieces inside them, out of reach of allocation (see [`reservation`]).
 //!
 //! Unhinted blocks go to the head of their list and are taken from the head (hot first);
 //! hinted and zero blocks go to the tail. The hinter takes cold blocks from the tail of the
@@ -25,10 +27,18 @@ use crate::frame_table::{CLASSES, FrameIdx, FrameState, FrameTable, FreeClass, N
 use crate::hint::HintSignal;
 use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
 
+mod reservation;
+
+use reservation::Reservations;
+
 /// Orders with list heads: 0..=MAX_SUPPORTED_ORDER (smaller under loom, to keep models small).
 pub(crate) const ORDERS: usize = crate::MAX_SUPPORTED_ORDER as usize + 1;
 /// Every order below the maximum can have a cache of unmerged blocks.
 pub(crate) const CACHE_ORDERS: usize = ORDERS;
+/// The list, after the class lists, of free pieces inside capture reservations.
+const RESERVED: usize = CLASSES;
+/// Lists per order: one per class, then [`RESERVED`].
+const LISTS: usize = CLASSES + 1;
 
 /// Allocation preference for ordinary allocations.
 pub(crate) const PREFER_RESIDENT: [FreeClass; CLASSES] =
@@ -130,15 +140,17 @@ impl ShardId {
 
 /// The lists a shard's lock protects.
 struct Lists {
-    head: [[u32; CLASSES]; ORDERS],
-    tail: [[u32; CLASSES]; ORDERS],
+    head: [[u32; LISTS]; ORDERS],
+    tail: [[u32; LISTS]; ORDERS],
     /// Bit `order` of `nonempty[list]` is set when that list is not empty.
-    nonempty: [u32; CLASSES],
+    nonempty: [u32; LISTS],
     cache_head: [u32; CACHE_ORDERS],
     cache_len: [u32; CACHE_ORDERS],
     /// Chunks `fresh_next..fresh_end` were never handed out (shared shard only).
     fresh_next: u32,
     fresh_end: u32,
+    /// Regions whose free pieces wait on the [`RESERVED`] list for a capture request.
+    reservations: Reservations,
 }
 
 /// One buddy allocator. See the module docs.
@@ -170,13 +182,14 @@ impl Shard {
         let shard = Self {
             id,
             lists: Mutex::new(Lists {
-                head: [[NIL; CLASSES]; ORDERS],
-                tail: [[NIL; CLASSES]; ORDERS],
-                nonempty: [0; CLASSES],
+                head: [[NIL; LISTS]; ORDERS],
+                tail: [[NIL; LISTS]; ORDERS],
+                nonempty: [0; LISTS],
                 cache_head: [NIL; CACHE_ORDERS],
                 cache_len: [0; CACHE_ORDERS],
                 fresh_next: 0,
                 fresh_end: fresh_chunks,
+                reservations: Reservations::default(),
             }),
             counters: std::array::from_fn(|_| OrderCounters::default()),
         };
@@ -248,14 +261,31 @@ impl<'a> Locked<'a> {
 
     // --- list primitives -------------------------------------------------------------
 
+    /// The list a free block belongs on: [`RESERVED`] inside a reserved region, else its
+    /// class's list.
+    #[inline]
+    fn list_of(&self, idx: FrameIdx, order: u8, class: FreeClass) -> usize {
+        if self.lists.reservations.covers(idx, order) {
+            RESERVED
+        } else {
+            self.list(class)
+        }
+    }
+
     /// Puts a free block on its list and counts it. Unhinted blocks go to the head
     /// (reused first) unless the policy is FIFO.
     fn push(&mut self, idx: FrameIdx, order: u8, class: FreeClass) {
+        self.env.table.frame(idx).set(class.state(), order);
+        let list = self.list_of(idx, order, class);
+        self.link(idx, order, class, list);
+        self.counters(order).entered(class);
+    }
+
+    /// Links a free block into `list` without counting it.
+    fn link(&mut self, idx: FrameIdx, order: u8, class: FreeClass, list: usize) {
         let table = self.env.table;
-        let list = self.list(class);
         let o = order as usize;
         let frame = table.frame(idx);
-        frame.set(class.state(), order);
         let to_tail = class != FreeClass::Unhinted || self.env.policy == AllocPolicy::Fifo;
         let lists = &mut *self.lists;
         if lists.head[o][list] == NIL {
@@ -277,14 +307,19 @@ impl<'a> Locked<'a> {
             table.frame(FrameIdx(head)).set_prev(idx.0);
             lists.head[o][list] = idx.0;
         }
-        self.counters(order).entered(class);
     }
 
     /// Takes a free block off its list and uncounts it. Its frame keeps its old state
     /// until the caller writes a new one.
     fn unlink(&mut self, idx: FrameIdx, order: u8, class: FreeClass) {
+        let list = self.list_of(idx, order, class);
+        self.detach(idx, order, list);
+        self.counters(order).left(class);
+    }
+
+    /// Takes a free block out of `list` without uncounting it.
+    fn detach(&mut self, idx: FrameIdx, order: u8, list: usize) {
         let table = self.env.table;
-        let list = self.list(class);
         let o = order as usize;
         let frame = table.frame(idx);
         let (prev, next) = (frame.prev(), frame.next());
@@ -302,7 +337,6 @@ impl<'a> Locked<'a> {
         if lists.head[o][list] == NIL {
             lists.nonempty[list] &= !(1 << order);
         }
-        self.counters(order).left(class);
     }
 
     /// The smallest order >= `order` whose list `list` is non-empty.
@@ -590,18 +624,19 @@ impl<'a> Locked<'a> {
     /// list (and, for a whole surplus chunk, to the shared pool).
     fn place(&mut self, idx: FrameIdx, order: u8, class: FreeClass) {
         let env = self.env;
+        // A reserved region just became whole: it belongs to the request that reserved it,
+        // if that one still waits.
+        if let Some(region) = self.lists.reservations.take_within(idx, order)
+            && env.capture.offer_to(region.ticket, region.start)
+        {
+            self.carve(idx, order, region.start, region.order, class);
+            return;
+        }
         if order >= env.capture.min_order()
             && env.capture.has_waiters()
             && let Some(wanted) = env.capture.offer(idx, order)
         {
-            // The lower `wanted` part went to a waiter; the rest is free again.
-            self.mark_allocated(idx, wanted);
-            let since = env.table.frame(idx).since();
-            for o in (wanted..order).rev() {
-                let upper = idx.plus(1 << o);
-                env.table.frame(upper).set_since(since);
-                self.place(upper, o, class);
-            }
+            self.carve(idx, order, idx, wanted, class);
             return;
         }
         let hintable = class == FreeClass::Unhinted && order >= env.hint_min_order;
@@ -621,6 +656,32 @@ impl<'a> Locked<'a> {
                 self.give_back(idx, class);
             }
         }
+    }
+
+    /// Marks the part `(target, target_order)` of the free block `(idx, order)` allocated
+    /// (it was handed to a waiter) and places the rest, halving towards the target.
+    fn carve(
+        &mut self,
+        idx: FrameIdx,
+        order: u8,
+        target: FrameIdx,
+        target_order: u8,
+        class: FreeClass,
+    ) {
+        let since = self.env.table.frame(idx).since();
+        self.mark_allocated(target, target_order);
+        let mut at = idx;
+        for o in (target_order..order).rev() {
+            let upper = at.plus(1 << o);
+            let rest = if target >= upper {
+                std::mem::replace(&mut at, upper)
+            } else {
+                upper
+            };
+            self.env.table.frame(rest).set_since(since);
+            self.place(rest, o, class);
+        }
+        debug_assert_eq!(at, target);
     }
 
     /// Moves a whole free chunk to the shared pool.
@@ -766,7 +827,7 @@ impl<'a> Locked<'a> {
         let mut counts = AuditCounts::default();
         for order in 0..=env.max_order {
             let o = order as usize;
-            for list in 0..CLASSES {
+            for list in 0..LISTS {
                 let mut prev = NIL;
                 let mut cursor = lists.head[o][list];
                 if (cursor == NIL) == (lists.nonempty[list] & 1 << order != 0) {
@@ -787,7 +848,7 @@ impl<'a> Locked<'a> {
                             "{me:?}: frame {cursor} of order {fo} on list of order {order}"
                         ));
                     }
-                    if self.list(class) != list {
+                    if self.list_of(idx, order, class) != list {
                         return Err(format!("{me:?}: {class:?} frame {cursor} on list {list}"));
                     }
                     if frame.prev() != prev {
@@ -878,6 +939,7 @@ impl<'a> Locked<'a> {
             }
             seen.cached[order] += counts.cached[order];
         }
+        self.audit_reservations()?;
         seen.fresh_chunks += (lists.fresh_end - lists.fresh_next) as u64;
         if me == ShardId::Shared {
             seen.first_fresh_chunk = lists.fresh_next;

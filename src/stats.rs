@@ -63,6 +63,8 @@ pub struct CaptureStats {
     pub timeouts: u64,
     /// Rounds of reclaim callbacks.
     pub reclaim_rounds: u64,
+    /// Regions reserved by waiting requests.
+    pub reservations: u64,
     /// Requests waiting right now.
     pub waiting: u64,
 }
@@ -88,6 +90,9 @@ pub struct Stats {
     pub zero_bytes: u64,
     /// Free bytes in the small-block caches.
     pub cached_bytes: u64,
+    /// Bytes held, free, by [`LocalCache`](crate::LocalCache)s: part of `allocated_bytes`,
+    /// since no other allocation can take them.
+    pub local_cache_bytes: u64,
     /// Free bytes per shard (the shared pool of whole chunks last).
     pub free_bytes_per_shard: Vec<u64>,
     /// Per-order counts, order 0 first.
@@ -161,6 +166,13 @@ impl Stats {
         ] {
             *total = (*total).min(cap);
         }
+        let cached_frames: u64 = core
+            .local_caches
+            .lock()
+            .iter()
+            .map(|held| held.load(Relaxed))
+            .sum();
+        stats.local_cache_bytes = (cached_frames << crate::FRAME_SHIFT).min(stats.allocated_bytes);
         let h = &core.hint_counters;
         stats.hint = HintStats {
             passes: h.passes.load(Relaxed),
@@ -177,6 +189,7 @@ impl Stats {
             waits: c.waits.load(Relaxed),
             timeouts: c.timeouts.load(Relaxed),
             reclaim_rounds: c.reclaim_rounds.load(Relaxed),
+            reservations: c.reservations.load(Relaxed),
             waiting: core.capture.waiting() as u64,
         };
         stats
@@ -228,10 +241,11 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "pagepool: capacity {}, {} shards | allocated {} | free {} (hinted {}, zero {}, cached {}) | in flight {}",
+            "pagepool: capacity {}, {} shards | allocated {} (in local caches {}) | free {} (hinted {}, zero {}, cached {}) | in flight {}",
             human(self.capacity as u64),
             self.shards,
             human(self.allocated_bytes),
+            human(self.local_cache_bytes),
             human(self.free_bytes),
             human(self.hinted_bytes),
             human(self.zero_bytes),
@@ -283,8 +297,8 @@ impl fmt::Display for Stats {
         let c = &self.capture;
         write!(
             f,
-            "capture: {} captures, {} waits, {} timeouts, {} reclaim rounds, {} waiting",
-            c.captures, c.waits, c.timeouts, c.reclaim_rounds, c.waiting
+            "capture: {} captures, {} waits, {} timeouts, {} reclaim rounds, {} reservations, {} waiting",
+            c.captures, c.waits, c.timeouts, c.reclaim_rounds, c.reservations, c.waiting
         )
     }
 }

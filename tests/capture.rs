@@ -343,3 +343,153 @@ fn wait_returns_at_once_when_a_block_is_free() {
         }
     );
 }
+
+/// A one-chunk pool cut into order-0 blocks, sorted by address, with the frames in `free`
+/// freed again.
+fn order0_pool(
+    builder: PoolBuilder,
+    free: impl Iterator<Item = usize>,
+) -> (PagePool, Vec<Option<Block>>) {
+    let pool = builder.build().unwrap();
+    let mut blocks = fill(&pool, 0);
+    blocks.sort_by_key(|b| b.as_ptr() as usize);
+    let mut blocks: Vec<Option<Block>> = blocks.into_iter().map(Some).collect();
+    for frame in free {
+        pool.free(blocks[frame].take().unwrap());
+    }
+    (pool, blocks)
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < end, "timed out waiting until {what}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_waiter_reserves_the_fullest_region_and_others_cannot_take_its_pieces() {
+    // Region 0 (frames 0..512) is half free, region 1 has ten free frames.
+    let (pool, mut blocks) = order0_pool(pool(1, 1), (0..256).chain(600..610));
+    let base = blocks[256].as_ref().unwrap().as_ptr() as usize - 256 * 4096;
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| pool.alloc_wait(9, Duration::from_secs(30)));
+        wait_until("the region is reserved", || {
+            pool.stats().capture.reservations == 1
+        });
+        pool.check_consistency().unwrap();
+        // Only region 1's ten pieces are left to others.
+        let mut taken = Vec::new();
+        while let Ok(block) = pool.alloc(0) {
+            assert!(
+                block.as_ptr() as usize >= base + 512 * 4096,
+                "took a reserved piece"
+            );
+            taken.push(block);
+        }
+        assert_eq!(taken.len(), 10);
+        let s = pool.stats();
+        assert_eq!(
+            s.free_bytes,
+            256 * 4096,
+            "reserved pieces still count as free:\n{s}"
+        );
+        // The owners free the rest of region 0: the whole region goes to the waiter.
+        for block in &mut blocks[256..512] {
+            pool.free(block.take().unwrap());
+        }
+        let got = waiter.join().unwrap().expect("the region completes");
+        assert_eq!(got.as_ptr() as usize, base, "the reserved region itself");
+        assert_eq!(pool.stats().capture.captures, 1);
+        pool.check_consistency().unwrap();
+        pool.free(got);
+        for block in taken {
+            pool.free(block);
+        }
+    });
+    for block in blocks.into_iter().flatten() {
+        pool.free(block);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn a_timed_out_waiter_gives_its_reserved_pieces_back() {
+    let (pool, blocks) = order0_pool(pool(1, 1), 0..300);
+    let got = pool.alloc_wait(9, Duration::from_millis(20));
+    assert_eq!(got.unwrap_err(), AllocError::Timeout { order: 9 });
+    let s = pool.stats();
+    assert_eq!(s.capture.reservations, 1);
+    pool.check_consistency().unwrap();
+    // Every free piece is allocatable again.
+    let again: Vec<Block> = std::iter::from_fn(|| pool.alloc(0).ok()).collect();
+    assert_eq!(again.len(), 300);
+    for block in again.into_iter().chain(blocks.into_iter().flatten()) {
+        pool.free(block);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn a_reclaiming_caller_reserves_too() {
+    let (pool, mut blocks) = order0_pool(pool(1, 1), 0..128);
+    let mut next = 128;
+    let mut stolen = Vec::new();
+    let got = pool
+        .alloc_with_reclaim(9, || {
+            // Another allocation between the callback's frees finds nothing to take in the
+            // reserved region, so the frees complete it.
+            if let Ok(block) = pool.alloc(0) {
+                stolen.push(block);
+            }
+            for _ in 0..128 {
+                pool.free(blocks[next].take().unwrap());
+                next += 1;
+            }
+            true
+        })
+        .expect("the callback frees the region");
+    assert!(stolen.is_empty(), "an allocation took a reserved piece");
+    assert_eq!(
+        got.as_ptr(),
+        blocks[600]
+            .as_ref()
+            .unwrap()
+            .as_ptr()
+            .wrapping_sub(600 * 4096)
+    );
+    let s = pool.stats();
+    assert_eq!((s.capture.reservations, s.capture.captures), (1, 1));
+    pool.free(got);
+    for block in blocks.into_iter().flatten() {
+        pool.free(block);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
+fn with_reservation_off_other_allocations_take_the_pieces() {
+    let (pool, mut blocks) = order0_pool(pool(1, 1).capture_reserve(false), 0..256);
+    std::thread::scope(|s| {
+        let waiter = s.spawn(|| pool.alloc_wait(9, Duration::from_secs(30)));
+        wait_until("the request waits", || pool.stats().capture.waiting == 1);
+        let taken: Vec<Block> = std::iter::from_fn(|| pool.alloc(0).ok()).collect();
+        assert_eq!(taken.len(), 256);
+        assert_eq!(pool.stats().capture.reservations, 0);
+        // A whole region still reaches the waiter: free region 1 entirely.
+        for block in &mut blocks[512..1024] {
+            pool.free(block.take().unwrap());
+        }
+        let got = waiter.join().unwrap().expect("region 1 completes");
+        assert_eq!(got.as_ptr(), taken[0].as_ptr().wrapping_add(512 * 4096));
+        pool.free(got);
+        for block in taken {
+            pool.free(block);
+        }
+    });
+    for block in blocks.into_iter().flatten() {
+        pool.free(block);
+    }
+    assert_all_free(&pool);
+}

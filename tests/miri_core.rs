@@ -260,3 +260,34 @@ fn free_from_another_thread() {
     });
     whole(&pool);
 }
+
+/// A `LocalCache` hands out, zeroes and takes back blocks, one of them freed into another
+/// thread's cache, and returns everything when dropped.
+#[test]
+fn local_caches_round_trip() {
+    let pool = builder(2).build().unwrap();
+    let mut cache = pool.local_cache_with(4);
+    let mut blocks: Vec<Block> = (0..6).map(|_| cache.alloc(0).unwrap()).collect();
+    for block in &mut blocks {
+        block.as_mut_slice().fill(7);
+    }
+    let zeroed = cache.alloc_zeroed(1).unwrap();
+    assert!(zeroed.as_slice().iter().all(|&b| b == 0));
+    let theirs_to_free = blocks.split_off(3);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let mut theirs = pool.local_cache_with(4);
+            for block in theirs_to_free {
+                assert!(block.as_slice().iter().all(|&b| b == 7));
+                theirs.free(block);
+            }
+        });
+    });
+    for block in blocks {
+        cache.free(block);
+    }
+    cache.free(zeroed);
+    drop(cache);
+    balanced(&pool);
+    whole(&pool);
+}

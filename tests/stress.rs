@@ -181,6 +181,8 @@ fn worker(
         shared.live.remove(&block, tag);
         pool.free(block);
     };
+    // Some allocations and frees go through this worker's own lock-free cache.
+    let mut cache = pool.local_cache_with(8);
     let mut ops = 0u64;
     while Instant::now() < shared.deadline {
         ops += 1;
@@ -198,10 +200,10 @@ fn worker(
                 9..=13 => 3 + rng.below(4) as u8,
                 _ => 7 + rng.below(4) as u8,
             };
-            let result = if rng.below(4) == 0 {
-                pool.alloc_on(rng.below(8) as usize, order)
-            } else {
-                pool.alloc(order)
+            let result = match rng.below(4) {
+                0 => pool.alloc_on(rng.below(8) as usize, order),
+                1 => cache.alloc(order),
+                _ => pool.alloc(order),
             };
             match result {
                 Ok(mut block) => {
@@ -215,7 +217,13 @@ fn worker(
             }
         } else if roll < 700 && !held.is_empty() {
             let (block, tag) = held.swap_remove(rng.below(held.len() as u64) as usize);
-            free_checked(block, tag);
+            if rng.below(2) == 0 {
+                check_pattern(&block, tag);
+                shared.live.remove(&block, tag);
+                cache.free(block);
+            } else {
+                free_checked(block, tag);
+            }
         } else if roll < 880 && !held.is_empty() {
             // Pass it on: another thread checks and frees it.
             let (block, tag) = held.swap_remove(rng.below(held.len() as u64) as usize);
@@ -274,6 +282,7 @@ fn worker(
     for (block, tag) in held {
         free_checked(block, tag);
     }
+    drop(cache);
     shared.ops.fetch_add(ops, Ordering::Relaxed);
 }
 

@@ -1,9 +1,11 @@
 //! Random operation sequences, bad inputs included, against a model of the live blocks.
 //!
+//! Some operations go through a `LocalCache`, whose blocks count as allocated.
+//!
 //! Checks after every operation: no two live blocks overlap, contents survive until freed,
-//! `check_consistency()` passes, allocated bytes equal the model's, `free + allocated ==
-//! capacity`; a raw free succeeds exactly when the address starts a live block (with its
-//! order) and otherwise changes nothing; an allocation fails only when no free block of
+//! `check_consistency()` passes, allocated bytes equal the model's plus what the cache
+//! holds, `free + allocated == capacity`; a raw free succeeds exactly when the address
+//! starts a live block (with its order) and otherwise changes nothing; an allocation fails only when no free block of
 //! that order or larger is left; and at the end everything coalesces into whole chunks.
 #![no_main]
 
@@ -29,6 +31,7 @@ struct Config {
     fifo: bool,
     dontneed: bool,
     heap: bool,
+    local_cache_blocks: u8,
 }
 
 #[derive(Arbitrary, Debug)]
@@ -81,6 +84,14 @@ enum Op {
     },
     DrainCaches,
     HintNow,
+    /// Through the `LocalCache`.
+    CacheAlloc {
+        order: u8,
+    },
+    CacheFree {
+        which: u16,
+    },
+    CacheFlush,
 }
 
 struct Model {
@@ -176,6 +187,7 @@ fuzz_target!(|input: (Config, Vec<Op>)| {
         })
         .build()
         .expect("a valid configuration");
+    let mut cache = pool.local_cache_with(config.local_cache_blocks as u32 % 9);
     let mut model = Model {
         live: BTreeMap::new(),
         last_freed: None,
@@ -358,6 +370,18 @@ fuzz_target!(|input: (Config, Vec<Op>)| {
                 }
             }
             Op::DrainCaches => pool.drain_caches(),
+            Op::CacheAlloc { order } => match cache.alloc(order % 9) {
+                Ok(block) => model.add(block),
+                Err(AllocError::Exhausted { order }) => no_fitting_block(&pool, order),
+                Err(AllocError::OrderTooLarge { .. }) => assert!(order % 9 > max_order),
+                Err(other) => panic!("cache alloc: {other}"),
+            },
+            Op::CacheFree { which } => {
+                if let Some(key) = model.key(which) {
+                    cache.free(model.take(key));
+                }
+            }
+            Op::CacheFlush => cache.flush(),
             Op::HintNow => {
                 pool.hint_now();
             }
@@ -365,11 +389,13 @@ fuzz_target!(|input: (Config, Vec<Op>)| {
         pool.check_consistency()
             .unwrap_or_else(|e| panic!("inconsistent: {e}"));
         let s = pool.stats();
+        let cached = cache.held_bytes() as u64;
         assert_eq!(
             s.allocated_bytes,
-            model.allocated(),
-            "allocated bytes disagree with the model:\n{s}"
+            model.allocated() + cached,
+            "allocated bytes disagree with the model (and {cached} B cached):\n{s}"
         );
+        assert_eq!(s.local_cache_bytes, cached, "{s}");
         assert_eq!(
             s.free_bytes + s.allocated_bytes + s.in_flight_bytes,
             s.capacity as u64,
@@ -379,6 +405,7 @@ fuzz_target!(|input: (Config, Vec<Op>)| {
     for key in model.live.keys().copied().collect::<Vec<_>>() {
         pool.free(model.take(key));
     }
+    drop(cache);
     pool.drain_caches();
     pool.check_consistency().unwrap();
     let s = pool.stats();

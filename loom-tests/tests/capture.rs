@@ -3,12 +3,13 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
 use common::{Live, all_free, builder, give, model, quiescent, take};
 use loom::sync::Arc;
 use loom::thread;
-use pagepool::AllocError;
+use pagepool::{AllocError, Block, PagePool};
 
 /// An exhausted pool; a free of one order-1 block races `alloc_wait` with a zero timeout
 /// (loom's timed wait never times out, so the waiter must not sleep): the waiter gets the
@@ -216,4 +217,153 @@ fn two_blocked_waiters_two_merging_frees() {
         give(&pool, &live, theirs);
         all_free(&pool, &live);
     });
+}
+
+/// A one-chunk pool of order 2 cut into four frames, region 0 (frames 0-1) half free,
+/// region 1 (frames 2-3) live: the waiter for order 1 can reserve region 0.
+fn half_free_region() -> (Arc<PagePool>, Arc<Live>, Block, Vec<Block>) {
+    let pool = Arc::new(
+        builder(1, 2)
+            .keep_chunks(4)
+            .capture_min_order(1)
+            .build()
+            .unwrap(),
+    );
+    let live = Arc::new(Live::default());
+    let mut frames: Vec<Block> = (0..4).map(|_| take(&pool, &live, 0, 0).unwrap()).collect();
+    frames.sort_by_key(|b| b.as_ptr() as usize);
+    let region1 = frames.split_off(2);
+    let second = frames.pop().unwrap();
+    give(&pool, &live, frames.pop().unwrap());
+    (pool, live, second, region1)
+}
+
+/// A blocked waiter reserves the half-free region while another thread allocates and
+/// frees a small block and a third frees the region's other half: whether the small
+/// allocation ran before the reservation (and took a piece) or after (and found the pool
+/// exhausted), the region completes and goes to the waiter exactly once.
+#[test]
+fn reserved_region_goes_to_its_waiter_despite_a_competing_allocation() {
+    static RESERVED: AtomicUsize = AtomicUsize::new(0);
+    model(|| {
+        let (pool, live, second, region1) = half_free_region();
+        let competitor = {
+            let (pool, live) = (pool.clone(), live.clone());
+            thread::spawn(move || {
+                if let Some(block) = take(&pool, &live, 0, 0) {
+                    give(&pool, &live, block);
+                }
+            })
+        };
+        let freer = {
+            let (pool, live) = (pool.clone(), live.clone());
+            thread::spawn(move || give(&pool, &live, second))
+        };
+        let block = pool
+            .alloc_wait(1, Duration::from_secs(3600))
+            .expect("the region is certain to complete");
+        live.add(&block);
+        competitor.join().unwrap();
+        freer.join().unwrap();
+        quiescent(&pool, &live);
+        RESERVED.fetch_add(pool.stats().capture.reservations as usize, Relaxed);
+        give(&pool, &live, block);
+        for block in region1 {
+            give(&pool, &live, block);
+        }
+        all_free(&pool, &live);
+    });
+    assert!(RESERVED.load(Relaxed) > 0, "no execution reserved a region");
+}
+
+/// A waiter with a zero timeout reserves and withdraws while the region's other half is
+/// freed: it gets the region (captured, or found by its re-check) or times out, and then
+/// no piece stays reserved (the audit checks every piece is on its class list).
+#[test]
+fn reservation_is_released_when_the_waiter_times_out() {
+    static RESERVED: AtomicUsize = AtomicUsize::new(0);
+    model(|| {
+        let (pool, live, second, region1) = half_free_region();
+        let freer = {
+            let (pool, live) = (pool.clone(), live.clone());
+            thread::spawn(move || give(&pool, &live, second))
+        };
+        let got = pool.alloc_wait(1, Duration::ZERO);
+        freer.join().unwrap();
+        RESERVED.fetch_add(pool.stats().capture.reservations as usize, Relaxed);
+        match got {
+            Ok(block) => {
+                live.add(&block);
+                quiescent(&pool, &live);
+                give(&pool, &live, block);
+            }
+            Err(AllocError::Timeout { order: 1 }) => {
+                quiescent(&pool, &live);
+                assert_eq!(
+                    pool.stats().orders[1].free,
+                    1,
+                    "the region is free, not held"
+                );
+            }
+            Err(other) => panic!("unexpected {other}"),
+        }
+        for block in region1 {
+            give(&pool, &live, block);
+        }
+        all_free(&pool, &live);
+    });
+    assert!(RESERVED.load(Relaxed) > 0, "no execution reserved a region");
+}
+
+/// Two blocked waiters for order 1 and a chunk of four frames: frames 0 and 2 free, 1 and 3
+/// live. Each waiter may reserve one of the two half-free regions (never the same one)
+/// while another thread frees frames 1 and 3: both waiters are certain to be served, each
+/// region goes to exactly one of them, and nothing stays reserved.
+#[test]
+fn two_waiters_reserve_two_regions() {
+    static RESERVED: AtomicUsize = AtomicUsize::new(0);
+    model(|| {
+        let pool = Arc::new(
+            builder(1, 2)
+                .keep_chunks(4)
+                .capture_min_order(1)
+                .build()
+                .unwrap(),
+        );
+        let live = Arc::new(Live::default());
+        let mut frames: Vec<Block> = (0..4).map(|_| take(&pool, &live, 0, 0).unwrap()).collect();
+        frames.sort_by_key(|b| b.as_ptr() as usize);
+        let third = frames.pop().unwrap();
+        let second = frames.pop().unwrap();
+        let first = frames.pop().unwrap();
+        give(&pool, &live, frames.pop().unwrap());
+        give(&pool, &live, second);
+        let freer = {
+            let (pool, live) = (pool.clone(), live.clone());
+            thread::spawn(move || {
+                give(&pool, &live, first);
+                give(&pool, &live, third);
+            })
+        };
+        let waiter = {
+            let pool = pool.clone();
+            thread::spawn(move || {
+                pool.alloc_wait(1, Duration::from_secs(3600))
+                    .expect("two regions complete")
+            })
+        };
+        let mine = pool
+            .alloc_wait(1, Duration::from_secs(3600))
+            .expect("two regions complete");
+        live.add(&mine);
+        let theirs = waiter.join().unwrap();
+        live.add(&theirs);
+        freer.join().unwrap();
+        quiescent(&pool, &live);
+        RESERVED.fetch_add(pool.stats().capture.reservations as usize, Relaxed);
+        give(&pool, &live, mine);
+        give(&pool, &live, theirs);
+        all_free(&pool, &live);
+    });
+    assert!(RESERVED.load(Relaxed) > 0, "no execution reserved a region");
 }

@@ -19,6 +19,54 @@ pub trait PageAlloc: Sync {
     /// # Safety
     /// `handle` must come from `alloc(order)` of this allocator and not be freed yet.
     unsafe fn free(&self, handle: Self::Handle, order: u8);
+
+    /// What one thread allocates through: the allocator itself for most, a `LocalCache`
+    /// for pagepool+cache. Workloads make one per thread.
+    type Local<'a>: LocalAlloc<Handle = Self::Handle>
+    where
+        Self: 'a;
+    /// A per-thread front end.
+    fn local(&self) -> Self::Local<'_>;
+}
+
+/// A thread's way into an allocator (see [`PageAlloc::Local`]).
+pub trait LocalAlloc {
+    /// As [`PageAlloc::Handle`].
+    type Handle;
+    /// As [`PageAlloc::alloc`].
+    fn alloc(&mut self, order: u8) -> Option<Self::Handle>;
+    /// As [`PageAlloc::free`].
+    ///
+    /// # Safety
+    /// As [`PageAlloc::free`].
+    unsafe fn free(&mut self, handle: Self::Handle, order: u8);
+}
+
+impl<A: PageAlloc> LocalAlloc for &A {
+    type Handle = A::Handle;
+    #[inline(always)]
+    fn alloc(&mut self, order: u8) -> Option<A::Handle> {
+        A::alloc(self, order)
+    }
+    #[inline(always)]
+    unsafe fn free(&mut self, handle: A::Handle, order: u8) {
+        // SAFETY: forwarded contract.
+        unsafe { A::free(self, handle, order) }
+    }
+}
+
+/// The allocator itself as its own per-thread front end.
+macro_rules! direct_local {
+    () => {
+        type Local<'a>
+            = &'a Self
+        where
+            Self: 'a;
+        #[inline(always)]
+        fn local(&self) -> &Self {
+            self
+        }
+    };
 }
 
 /// Bytes in a block of `order`.
@@ -36,6 +84,8 @@ fn layout(order: u8) -> Layout {
 pub enum Kind {
     /// pagepool with the default configuration (hinter thread on).
     Pagepool,
+    /// The same pool through a per-thread `LocalCache`.
+    PagepoolCache,
     /// glibc `posix_memalign` / `free`.
     System,
     /// mimalloc, `mi_malloc_aligned` through its `GlobalAlloc`.
@@ -51,8 +101,9 @@ pub enum Kind {
 }
 
 /// Every allocator, in table order.
-pub const ALL: [Kind; 7] = [
+pub const ALL: [Kind; 8] = [
     Kind::Pagepool,
+    Kind::PagepoolCache,
     Kind::System,
     Kind::Mimalloc,
     Kind::Jemalloc,
@@ -66,6 +117,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Pagepool => "pagepool",
+            Kind::PagepoolCache => "pagepool+cache",
             Kind::System => "system",
             Kind::Mimalloc => "mimalloc",
             Kind::Jemalloc => "jemalloc",
@@ -78,6 +130,11 @@ impl Kind {
     /// Parses a name from [`Kind::name`].
     pub fn parse(s: &str) -> Option<Kind> {
         ALL.iter().copied().find(|k| k.name() == s)
+    }
+
+    /// Whether this is one of pagepool's front ends (a column ratios are taken for).
+    pub fn is_pagepool(self) -> bool {
+        matches!(self, Kind::Pagepool | Kind::PagepoolCache)
     }
 
     /// Whether the allocator serves blocks of `order`.
@@ -106,6 +163,7 @@ unsafe impl Send for Raw {}
 pub struct Pool(pub PagePool);
 
 impl PageAlloc for Pool {
+    direct_local!();
     type Handle = pagepool::Block;
     #[inline]
     fn alloc(&self, order: u8) -> Option<Self::Handle> {
@@ -121,6 +179,41 @@ impl PageAlloc for Pool {
     }
 }
 
+/// pagepool through a `LocalCache` per thread: each workload thread holds one, as a
+/// worker using the cache would. The pool is leaked so the caches can borrow it freely.
+pub struct PoolCached(pub &'static PagePool);
+
+impl PageAlloc for PoolCached {
+    type Handle = pagepool::Block;
+    /// Outside a thread's cache (not used by the workloads).
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        self.0.alloc(order).ok()
+    }
+    #[inline]
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.as_ptr()
+    }
+    unsafe fn free(&self, handle: Self::Handle, _order: u8) {
+        self.0.free(handle);
+    }
+    type Local<'a> = pagepool::LocalCache<'static>;
+    fn local(&self) -> pagepool::LocalCache<'static> {
+        self.0.local_cache()
+    }
+}
+
+impl LocalAlloc for pagepool::LocalCache<'static> {
+    type Handle = pagepool::Block;
+    #[inline]
+    fn alloc(&mut self, order: u8) -> Option<pagepool::Block> {
+        pagepool::LocalCache::alloc(self, order).ok()
+    }
+    #[inline]
+    unsafe fn free(&mut self, handle: pagepool::Block, _order: u8) {
+        pagepool::LocalCache::free(self, handle);
+    }
+}
+
 /// Settings for the pagepool instances the harness builds.
 #[derive(Debug, Clone, Copy)]
 pub struct PoolOpts {
@@ -132,6 +225,8 @@ pub struct PoolOpts {
     pub policy: AllocPolicy,
     /// Capture on.
     pub capture: bool,
+    /// Capture reserves a region per waiter.
+    pub capture_reserve: bool,
 }
 
 impl Default for PoolOpts {
@@ -141,6 +236,7 @@ impl Default for PoolOpts {
             mode: HintMode::Free,
             policy: AllocPolicy::PreferUnhinted,
             capture: true,
+            capture_reserve: true,
         }
     }
 }
@@ -153,6 +249,7 @@ pub fn build_pool(capacity: usize, opts: PoolOpts) -> PagePool {
         .hint_mode(opts.mode)
         .policy(opts.policy)
         .capture(opts.capture)
+        .capture_reserve(opts.capture_reserve)
         .build()
         .expect("pagepool builds")
 }
@@ -163,6 +260,7 @@ pub fn build_pool(capacity: usize, opts: PoolOpts) -> PagePool {
 pub struct System;
 
 impl PageAlloc for System {
+    direct_local!();
     type Handle = Raw;
     #[inline]
     fn alloc(&self, order: u8) -> Option<Self::Handle> {
@@ -194,6 +292,7 @@ impl PageAlloc for System {
 pub struct Global<G>(pub G);
 
 impl<G: GlobalAlloc + Sync> PageAlloc for Global<G> {
+    direct_local!();
     type Handle = Raw;
     #[inline]
     fn alloc(&self, order: u8) -> Option<Self::Handle> {
@@ -231,6 +330,7 @@ impl Lg {
 }
 
 impl PageAlloc for Lg {
+    direct_local!();
     type Handle = (Raw, lgalloc::Handle);
     #[inline]
     fn alloc(&self, order: u8) -> Option<Self::Handle> {
@@ -283,6 +383,7 @@ impl Drop for Buddy {
 }
 
 impl PageAlloc for Buddy {
+    direct_local!();
     type Handle = Raw;
     #[inline]
     fn alloc(&self, order: u8) -> Option<Self::Handle> {
@@ -328,6 +429,7 @@ fn map_aligned(len: usize, align: usize) -> Option<(*mut libc::c_void, usize, *m
 pub struct Mmap;
 
 impl PageAlloc for Mmap {
+    direct_local!();
     type Handle = Raw;
     fn alloc(&self, order: u8) -> Option<Self::Handle> {
         let size = size_of_order(order);
@@ -378,6 +480,9 @@ impl PageAlloc for Mmap {
 pub struct Allocs {
     /// pagepool.
     pub pool: Pool,
+    /// A second pool of the same size, used through per-thread `LocalCache`s (built only
+    /// when asked for: it is leaked).
+    pub pool_cached: Option<PoolCached>,
     /// glibc.
     pub system: System,
     /// mimalloc.
@@ -397,6 +502,9 @@ impl Allocs {
     pub fn new(capacity: usize, kinds: &[Kind], opts: PoolOpts) -> Self {
         Self {
             pool: Pool(build_pool(capacity, opts)),
+            pool_cached: kinds
+                .contains(&Kind::PagepoolCache)
+                .then(|| PoolCached(Box::leak(Box::new(build_pool(capacity, opts))))),
             system: System,
             mimalloc: Global(mimalloc::MiMalloc),
             jemalloc: Global(tikv_jemallocator::Jemalloc),
@@ -410,6 +518,12 @@ impl Allocs {
     pub fn visit<J: Job>(&self, kind: Kind, job: &mut J) -> J::Out {
         match kind {
             Kind::Pagepool => job.run(&self.pool, kind),
+            Kind::PagepoolCache => job.run(
+                self.pool_cached
+                    .as_ref()
+                    .expect("pagepool+cache was requested"),
+                kind,
+            ),
             Kind::System => job.run(&self.system, kind),
             Kind::Mimalloc => job.run(&self.mimalloc, kind),
             Kind::Jemalloc => job.run(&self.jemalloc, kind),

@@ -38,8 +38,10 @@ pub struct CaptureCfg {
 /// How the foreground asks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// `alloc_wait` on a pool with capture on.
+    /// `alloc_wait` on a pool with capture on (the default: a waiter reserves a region).
     On,
+    /// `alloc_wait` on a pool with capture on but `capture_reserve(false)`.
+    OnNoReserve,
     /// Pool with `capture(false)`: `alloc_wait` retries with backoff until the deadline.
     OffOnce,
     /// Pool with `capture(false)`, the caller retrying `alloc` with a yield until the deadline.
@@ -50,7 +52,8 @@ impl Mode {
     /// Label for tables.
     pub fn label(self) -> &'static str {
         match self {
-            Mode::On => "capture on (alloc_wait)",
+            Mode::On => "capture on (alloc_wait, reserving)",
+            Mode::OnNoReserve => "capture on, reservation off",
             Mode::OffOnce => "capture off (alloc_wait: the pool retries with backoff)",
             Mode::OffPoll => "capture off (caller spins on alloc + yield)",
         }
@@ -83,7 +86,8 @@ pub fn run(cfg: &CaptureCfg, mode: Mode) -> CaptureOut {
     let pool = build_pool(
         cfg.capacity,
         PoolOpts {
-            capture: mode == Mode::On,
+            capture: matches!(mode, Mode::On | Mode::OnNoReserve),
+            capture_reserve: mode == Mode::On,
             ..PoolOpts::default()
         },
     );
@@ -194,11 +198,13 @@ fn request(
         return Some(b);
     }
     match mode {
-        Mode::On | Mode::OffOnce => match pool.alloc_wait(cfg.order, cfg.deadline) {
-            Ok(b) => Some(b),
-            Err(AllocError::Timeout { .. } | AllocError::Exhausted { .. }) => None,
-            Err(e) => panic!("alloc_wait: {e}"),
-        },
+        Mode::On | Mode::OnNoReserve | Mode::OffOnce => {
+            match pool.alloc_wait(cfg.order, cfg.deadline) {
+                Ok(b) => Some(b),
+                Err(AllocError::Timeout { .. } | AllocError::Exhausted { .. }) => None,
+                Err(e) => panic!("alloc_wait: {e}"),
+            }
+        }
         Mode::OffPoll => {
             let end = Instant::now() + cfg.deadline;
             loop {

@@ -198,11 +198,17 @@ fn tables(ctx: &mut Ctx, unit: &str, rows: &[(String, Vec<Option<Cell>>)], lower
         }
         s.push('\n');
     }
-    let pi = kinds.iter().position(|k| *k == Kind::Pagepool);
-    if let Some(pi) = pi {
+    let ours: Vec<(usize, Kind)> = kinds
+        .iter()
+        .copied()
+        .enumerate()
+        .filter(|(_, k)| k.is_pagepool())
+        .collect();
+    for (pi, ours) in ours {
         let _ = write!(
             s,
-            "\nRatios pagepool / peer ({}):\n\n| {unit} |",
+            "\nRatios {} / peer ({}):\n\n| {unit} |",
+            ours.name(),
             if lower_is_better {
                 "below 1: pagepool faster"
             } else {
@@ -213,12 +219,12 @@ fn tables(ctx: &mut Ctx, unit: &str, rows: &[(String, Vec<Option<Cell>>)], lower
             .iter()
             .copied()
             .enumerate()
-            .filter(|(_, k)| *k != Kind::Pagepool)
+            .filter(|(_, k)| !k.is_pagepool())
             .collect();
         for (_, k) in &peers {
             let _ = write!(s, " {} |", k.name());
         }
-        s.push_str(" best peer | pagepool / best |\n");
+        let _ = writeln!(s, " best peer | {} / best |", ours.name());
         s.push_str(&"|---".repeat(peers.len() + 3));
         s.push_str("|\n");
         for (label, cells) in rows {
@@ -967,6 +973,7 @@ fn cmd_capture(ctx: &mut Ctx, args: &Args) {
     let batches = args.list::<usize>("batches", "1024,2048,3072,4096");
     let modes = [
         capture::Mode::On,
+        capture::Mode::OnNoReserve,
         capture::Mode::OffOnce,
         capture::Mode::OffPoll,
     ];

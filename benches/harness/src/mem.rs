@@ -5,7 +5,9 @@ use std::time::{Duration, Instant};
 
 use pagepool::{AllocPolicy, HintMode};
 
-use crate::allocs::{Allocs, Job, Kind, PageAlloc, PoolOpts, size_of_order, touch_pages};
+use crate::allocs::{
+    Allocs, Job, Kind, LocalAlloc, PageAlloc, PoolOpts, size_of_order, touch_pages,
+};
 use crate::work::{Rng, mixed_order};
 
 /// One reading of the process's memory.
@@ -91,12 +93,16 @@ pub struct MemCycle {
     pub reuse: bool,
 }
 
-fn burst<A: PageAlloc>(a: &A, cfg: &MemCfg, rng: &mut Rng) -> Vec<(A::Handle, u8)> {
+fn burst<A: PageAlloc>(
+    l: &mut impl LocalAlloc<Handle = A::Handle>,
+    cfg: &MemCfg,
+    rng: &mut Rng,
+) -> Vec<(A::Handle, u8)> {
     let mut live = 0;
     let mut blocks = Vec::new();
     while live < cfg.bytes {
         let order = cfg.only_order.unwrap_or_else(|| mixed_order(rng));
-        let h = a.alloc(order).expect("memory burst: out of memory");
+        let h = l.alloc(order).expect("memory burst: out of memory");
         touch_pages(A::ptr(&h), order);
         live += size_of_order(order);
         blocks.push((h, order));
@@ -104,10 +110,10 @@ fn burst<A: PageAlloc>(a: &A, cfg: &MemCfg, rng: &mut Rng) -> Vec<(A::Handle, u8
     blocks
 }
 
-fn free_all<A: PageAlloc>(a: &A, blocks: Vec<(A::Handle, u8)>) {
+fn free_all<L: LocalAlloc>(l: &mut L, blocks: Vec<(L::Handle, u8)>) {
     for (h, order) in blocks {
-        // SAFETY: allocated by `a` with this order, freed once.
-        unsafe { a.free(h, order) };
+        // SAFETY: allocated through `l` with this order, freed once.
+        unsafe { l.free(h, order) };
     }
 }
 
@@ -130,9 +136,10 @@ impl Job for MemCycle {
         let mut t_free_ms = 0.0;
         let rounds = if self.reuse { cfg.rounds.max(1) } else { 1 };
         let mut flt_first = 0;
+        let mut l = a.local();
         for round in 0..rounds {
             let f0 = minflt();
-            let blocks = burst(a, &cfg, &mut rng);
+            let blocks = burst::<A>(&mut l, &cfg, &mut rng);
             let s = sample(start);
             emit(&s, "peak");
             if s.net_kb() > peak.net_kb() {
@@ -141,7 +148,7 @@ impl Job for MemCycle {
             if round == 0 {
                 flt_first = minflt() - f0;
             }
-            free_all(a, blocks);
+            free_all(&mut l, blocks);
             t_free_ms = start.elapsed().as_secs_f64() * 1e3;
             emit(&sample(start), "freed");
             if round + 1 < rounds {
@@ -255,20 +262,21 @@ pub fn refault_child(cfg: MemCfg, work_bytes: usize, policy: AllocPolicy) {
             hinter: false,
             mode: HintMode::DontNeed,
             policy,
-            capture: true,
+            ..PoolOpts::default()
         },
     );
     let a = crate::allocs::Pool(pool);
     let mut rng = Rng::new(cfg.seed);
-    let big = burst(
-        &a,
+    let mut l = a.local();
+    let big = burst::<crate::allocs::Pool>(
+        &mut l,
         &MemCfg {
             only_order: Some(9),
             ..cfg
         },
         &mut rng,
     );
-    free_all(&a, big);
+    free_all(&mut l, big);
     a.0.drain_caches();
     let report = a.0.hint_now();
     let f0 = minflt();
@@ -279,8 +287,8 @@ pub fn refault_child(cfg: MemCfg, work_bytes: usize, policy: AllocPolicy) {
         ..cfg
     };
     for _ in 0..cfg.rounds {
-        let blocks = burst(&a, &work, &mut rng);
-        free_all(&a, blocks);
+        let blocks = burst::<crate::allocs::Pool>(&mut l, &work, &mut rng);
+        free_all(&mut l, blocks);
     }
     let faults = minflt() - f0;
     let pages = (work_bytes / 4096 * cfg.rounds) as u64;

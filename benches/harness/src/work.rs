@@ -4,7 +4,7 @@ use std::sync::Barrier;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::allocs::{Job, Kind, PageAlloc, size_of_order, touch};
+use crate::allocs::{Job, Kind, LocalAlloc, PageAlloc, size_of_order, touch};
 
 /// A small fast PRNG (xorshift64*), seeded per thread so every allocator sees the same
 /// sequence of orders and slots.
@@ -108,11 +108,12 @@ impl Job for Repeat {
     fn run<A: PageAlloc>(&mut self, a: &A, _: Kind) -> f64 {
         let (order, iters) = (self.order, self.iters);
         let (wall, _) = run_threads(self.threads, |_| {
+            let mut l = a.local();
             for _ in 0..iters {
-                let h = a.alloc(order).expect("repeat: out of memory");
+                let h = l.alloc(order).expect("repeat: out of memory");
                 touch(A::ptr(&h));
-                // SAFETY: `h` came from `a.alloc(order)` just above.
-                unsafe { a.free(h, order) };
+                // SAFETY: `h` came from `l.alloc(order)` just above.
+                unsafe { l.free(h, order) };
             }
         });
         wall.as_nanos() as f64 / (iters * self.threads) as f64
@@ -137,9 +138,10 @@ impl Job for Bulk {
     fn run<A: PageAlloc>(&mut self, a: &A, _: Kind) -> (f64, f64) {
         let n = self.bytes / size_of_order(self.order);
         let mut blocks = Vec::with_capacity(n);
+        let mut l = a.local();
         let t0 = Instant::now();
         for _ in 0..n {
-            let h = a.alloc(self.order).expect("bulk: out of memory");
+            let h = l.alloc(self.order).expect("bulk: out of memory");
             touch(A::ptr(&h));
             blocks.push(h);
         }
@@ -152,8 +154,8 @@ impl Job for Bulk {
         }
         let t1 = Instant::now();
         for h in blocks {
-            // SAFETY: every handle came from `a.alloc(self.order)` and is freed once.
-            unsafe { a.free(h, self.order) };
+            // SAFETY: every handle came from `l.alloc(self.order)` and is freed once.
+            unsafe { l.free(h, self.order) };
         }
         let t_free = t1.elapsed();
         (
@@ -199,12 +201,13 @@ impl Job for Random {
                 let tx = tx.clone();
                 s.spawn(move || {
                     let mut rng = Rng::new(seed ^ ((t as u64 + 1) * 0x51_7CC1_B727_220A));
+                    let mut l = a.local();
                     let mut slots: Vec<Option<(A::Handle, u8)>> = Vec::new();
                     let mut live = 0usize;
                     let mut failures = 0u64;
                     while live < share {
                         let order = mixed_order(&mut rng);
-                        match a.alloc(order) {
+                        match l.alloc(order) {
                             Some(h) => {
                                 touch(A::ptr(&h));
                                 live += size_of_order(order);
@@ -219,11 +222,11 @@ impl Job for Random {
                     for _ in 0..ops {
                         let i = rng.below(slots.len());
                         if let Some((h, order)) = slots[i].take() {
-                            // SAFETY: allocated by `a` with this order, freed once.
-                            unsafe { a.free(h, order) };
+                            // SAFETY: allocated by `l` with this order, freed once.
+                            unsafe { l.free(h, order) };
                         }
                         let order = mixed_order(&mut rng);
-                        match a.alloc(order) {
+                        match l.alloc(order) {
                             Some(h) => {
                                 touch(A::ptr(&h));
                                 slots[i] = Some((h, order));
@@ -234,7 +237,7 @@ impl Job for Random {
                     let elapsed = t0.elapsed();
                     for (h, order) in slots.into_iter().flatten() {
                         // SAFETY: as above.
-                        unsafe { a.free(h, order) };
+                        unsafe { l.free(h, order) };
                     }
                     tx.send((elapsed, failures)).expect("collector alive");
                 });
@@ -275,12 +278,13 @@ impl Job for Cross {
         let t0 = Instant::now();
         std::thread::scope(|s| {
             s.spawn(move || {
+                let mut l = a.local();
                 let mut left = blocks;
                 while left > 0 {
                     let n = left.min(batch);
                     let mut v = Vec::with_capacity(n);
                     for _ in 0..n {
-                        let h = a.alloc(order).expect("cross: out of memory");
+                        let h = l.alloc(order).expect("cross: out of memory");
                         touch(A::ptr(&h));
                         v.push(h);
                     }
@@ -289,10 +293,11 @@ impl Job for Cross {
                 }
             });
             s.spawn(move || {
+                let mut l = a.local();
                 for v in rx {
                     for h in v {
-                        // SAFETY: allocated by `a` with `order` on the producer, freed once.
-                        unsafe { a.free(h, order) };
+                        // SAFETY: allocated with `order` on the producer, freed once.
+                        unsafe { l.free(h, order) };
                     }
                 }
             });
