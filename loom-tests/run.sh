@@ -12,6 +12,9 @@ set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 export RUSTFLAGS="--cfg loom ${RUSTFLAGS:-}"
+# Debug assertions stay on: the models drive the real code, and its assertions check
+# the protocols from inside.
+export CARGO_PROFILE_RELEASE_DEBUG_ASSERTIONS=true
 export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 export CARGO_TARGET_DIR="${LOOM_TARGET_DIR:-$root/target/loom}"
 start=$(date +%s)

@@ -16,7 +16,9 @@
 //!    so it sees `waiting > 0` and offers its block here. No block slips between the two.
 //! 3. **Hand-off.** A free (holding its shard lock) calls [`CaptureRegistry::offer`]: the
 //!    oldest request whose order fits is removed from the queue and filled, under the queue
-//!    lock, and woken.
+//!    lock, and woken. The block's frame entry says "allocated" before the fill: the waiter
+//!    may free it into a `LocalCache` at once, which writes the entry without the shard
+//!    lock, and a mark written after that would overwrite it.
 //! 4. **Reserve.** Still without a block, the waiter reserves the region of its order
 //!    closest to whole (see `shard::reservation`): frees inside it merge out of reach of
 //!    other allocations, and the region goes to this request, by ticket, once whole.
@@ -113,36 +115,42 @@ impl CaptureRegistry {
         request
     }
 
-    /// Offers a free block of `order` at `idx`. If a request fits, it is filled with the
-    /// block's lower part of the requested order and woken; the caller then marks that part
-    /// allocated and frees the rest. Returns the order handed over.
+    /// Offers a free block of `order` at `idx`. If a request fits, `claim` marks the
+    /// block's lower part of the requested order allocated, then the request is filled with
+    /// it and woken; the caller frees the rest. Returns the order handed over.
     ///
     /// Called with the lock of the shard that owns `idx` held.
-    pub(crate) fn offer(&self, idx: FrameIdx, order: u8) -> Option<u8> {
+    pub(crate) fn offer(&self, idx: FrameIdx, order: u8, claim: impl FnOnce(u8)) -> Option<u8> {
         let mut queue = self.queue.lock();
         let pos = queue.iter().position(|r| r.order <= order)?;
-        Some(self.fill(&mut queue, pos, idx))
+        let wanted = queue[pos].order;
+        claim(wanted);
+        self.fill(&mut queue, pos, idx);
+        Some(wanted)
     }
 
     /// Hands the block at `idx`, of the request's order, to the request `ticket` if it
-    /// still waits. Called with the lock of the shard that owns `idx` held.
-    pub(crate) fn offer_to(&self, ticket: u64, idx: FrameIdx) -> bool {
+    /// still waits, after `claim` marks it allocated. Called with the lock of the shard
+    /// that owns `idx` held.
+    pub(crate) fn offer_to(&self, ticket: u64, idx: FrameIdx, claim: impl FnOnce()) -> bool {
         let mut queue = self.queue.lock();
         let Some(pos) = queue.iter().position(|r| r.ticket == ticket) else {
             return false;
         };
+        claim();
         self.fill(&mut queue, pos, idx);
         true
     }
 
-    /// Removes the request at `pos`, fills it with `idx` and wakes it. Returns its order.
-    fn fill(&self, queue: &mut VecDeque<Arc<Request>>, pos: usize, idx: FrameIdx) -> u8 {
+    /// Removes the request at `pos`, fills it with `idx` and wakes it. The block must be
+    /// marked allocated already: the waiter may use it, and write its frame entry without
+    /// a lock (a `LocalCache` free), the moment it is filled.
+    fn fill(&self, queue: &mut VecDeque<Arc<Request>>, pos: usize, idx: FrameIdx) {
         let request = queue.remove(pos).expect("position is in range");
         self.waiting.fetch_sub(1, Ordering::SeqCst);
         *request.filled.lock() = Some(idx);
         request.wake.notify_all();
         self.counters.captures.fetch_add(1, Ordering::Relaxed);
-        request.order
     }
 
     /// Waits until the request is filled or `deadline` passes. Does not withdraw.

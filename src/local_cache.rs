@@ -111,7 +111,9 @@ impl LocalCache<'_> {
         let idx = match stack.frames.pop() {
             Some(idx) => {
                 let idx = FrameIdx(idx);
-                core.table().frame(idx).set(FrameState::Allocated, order);
+                let frame = core.table().frame(idx);
+                debug_assert_eq!(frame.get(), (FrameState::LocalCached, order));
+                frame.set(FrameState::Allocated, order);
                 self.account(-(1i64 << order));
                 idx
             }

@@ -277,6 +277,11 @@ impl PoolCore {
                     break &mut held.as_mut().expect("just locked").1;
                 }
             };
+            debug_assert_eq!(
+                self.table.frame(idx).get(),
+                (crate::frame_table::FrameState::LocalCached, order),
+                "a LocalCache gives back only blocks it holds"
+            );
             shard.free(idx, order);
         }
     }

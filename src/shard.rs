@@ -401,7 +401,7 @@ impl<'a> Locked<'a> {
         idx
     }
 
-    fn mark_allocated(&mut self, idx: FrameIdx, order: u8) {
+    fn mark_allocated(&self, idx: FrameIdx, order: u8) {
         self.env.table.frame(idx).set(FrameState::Allocated, order);
         bump(&self.counters(order).allocated, 1);
     }
@@ -626,15 +626,21 @@ impl<'a> Locked<'a> {
         let env = self.env;
         // A reserved region just became whole: it belongs to the request that reserved it,
         // if that one still waits.
+        // The hand-off marks the block allocated before the waiter can see it (see
+        // `capture`'s protocol), so `carve` only places the rest.
         if let Some(region) = self.lists.reservations.take_within(idx, order)
-            && env.capture.offer_to(region.ticket, region.start)
+            && env.capture.offer_to(region.ticket, region.start, || {
+                self.mark_allocated(region.start, region.order)
+            })
         {
             self.carve(idx, order, region.start, region.order, class);
             return;
         }
         if order >= env.capture.min_order()
             && env.capture.has_waiters()
-            && let Some(wanted) = env.capture.offer(idx, order)
+            && let Some(wanted) = env
+                .capture
+                .offer(idx, order, |wanted| self.mark_allocated(idx, wanted))
         {
             self.carve(idx, order, idx, wanted, class);
             return;
@@ -658,8 +664,9 @@ impl<'a> Locked<'a> {
         }
     }
 
-    /// Marks the part `(target, target_order)` of the free block `(idx, order)` allocated
-    /// (it was handed to a waiter) and places the rest, halving towards the target.
+    /// Places the rest of the free block `(idx, order)` once its part `(target,
+    /// target_order)` was handed to a waiter (and marked allocated), halving towards the
+    /// target.
     fn carve(
         &mut self,
         idx: FrameIdx,
@@ -669,7 +676,6 @@ impl<'a> Locked<'a> {
         class: FreeClass,
     ) {
         let since = self.env.table.frame(idx).since();
-        self.mark_allocated(target, target_order);
         let mut at = idx;
         for o in (target_order..order).rev() {
             let upper = at.plus(1 << o);

@@ -7,6 +7,7 @@ mod common;
 use common::{Live, all_free, builder, give, model, quiescent, take};
 use loom::sync::Arc;
 use loom::thread;
+use std::time::Duration;
 
 /// The cache holds frame 0, free; frame 1 (its buddy) is allocated. Another thread frees
 /// frame 1 and allocates and frees a block, while the owner takes frame 0 out of its cache
@@ -73,6 +74,45 @@ fn blocks_freed_into_another_threads_cache() {
         mine.free(b);
         drop(mine);
         other.join().unwrap();
+        quiescent(&pool, &live);
+        all_free(&pool, &live);
+    });
+}
+
+/// A waiter captures a merged block and frees it at once into its cache, which writes the
+/// block's frame entry without a lock, while the thread whose free formed the block may
+/// still hold the shard lock. The hand-off must mark the block allocated before the waiter
+/// can see it: a mark written after the cache's own entry would overwrite it (the cache's
+/// debug assertion, on in loom runs, sees the stale entry first).
+#[test]
+fn captured_block_goes_straight_into_a_cache() {
+    model(|| {
+        let pool = Arc::new(
+            builder(1, 1)
+                .keep_chunks(4)
+                .capture_min_order(1)
+                .build()
+                .unwrap(),
+        );
+        let live = Arc::new(Live::default());
+        let a = take(&pool, &live, 0, 0).unwrap();
+        let b = take(&pool, &live, 0, 0).unwrap();
+        let t = {
+            let (pool, live) = (pool.clone(), live.clone());
+            thread::spawn(move || {
+                give(&pool, &live, a);
+                give(&pool, &live, b);
+            })
+        };
+        let mut cache = pool.local_cache_with(2);
+        let block = pool
+            .alloc_wait(1, Duration::from_secs(3600))
+            .expect("the frees are certain");
+        live.add(&block);
+        live.remove(&block);
+        cache.free(block);
+        t.join().unwrap();
+        drop(cache);
         quiescent(&pool, &live);
         all_free(&pool, &live);
     });
