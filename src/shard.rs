@@ -625,9 +625,8 @@ impl<'a> Locked<'a> {
     fn place(&mut self, idx: FrameIdx, order: u8, class: FreeClass) {
         let env = self.env;
         // A reserved region just became whole: it belongs to the request that reserved it,
-        // if that one still waits.
-        // The hand-off marks the block allocated before the waiter can see it (see
-        // `capture`'s protocol), so `carve` only places the rest.
+        // if that one still waits. Either hand-off marks the block allocated before the
+        // waiter can see it (see `capture`'s protocol); `carve` then places the rest.
         if let Some(region) = self.lists.reservations.take_within(idx, order)
             && env.capture.offer_to(region.ticket, region.start, || {
                 self.mark_allocated(region.start, region.order)
