@@ -1,6 +1,7 @@
 //! Issue 2's first benchmark: order-0 and order-9 alloc+free (through the pool and through a
 //! `LocalCache`) and a mixed-order random workload, pagepool against glibc's
-//! `posix_memalign` of the same sizes and alignment, on 1 and 2 threads. Each block gets one byte written, as in the harness.
+//! `posix_memalign` of the same sizes and alignment, on 1 and 2 threads. Each block gets one
+//! byte written, as in the harness.
 //!
 //! `cargo bench --bench alloc_free` (a few minutes). The side-by-side comparison with every
 //! peer lives in the `pagepool-bench` harness (`benches/harness`).

@@ -49,8 +49,8 @@ pub struct LocalCache<'pool> {
     pool: &'pool PagePool,
     /// Per order, the cached blocks.
     stacks: Box<[Stack]>,
-    /// Frames held, for `stats()`: registered with the pool, written only by this cache
-    /// (a load and a store, no read-modify-write).
+    /// Frames held, for `held_bytes` and `stats()`: registered with the pool, written only
+    /// by this cache (a load and a store, no read-modify-write).
     held: Arc<AtomicU64>,
 }
 
@@ -172,11 +172,7 @@ impl LocalCache<'_> {
 
     /// Bytes of free blocks this cache holds.
     pub fn held_bytes(&self) -> usize {
-        self.stacks
-            .iter()
-            .enumerate()
-            .map(|(order, stack)| stack.frames.len() * crate::block_size(order as u8))
-            .sum()
+        (self.held.load(Ordering::Relaxed) as usize) << crate::FRAME_SHIFT
     }
 
     /// Adds `frames` (negative: subtracts) to the count `stats()` reads.

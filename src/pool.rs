@@ -265,18 +265,14 @@ impl PoolCore {
         let env = self.env();
         let mut held: Option<(Owner, Locked<'_>)> = None;
         for idx in blocks {
-            let chunk = idx.chunk(self.resolved.max_order);
-            let shard = loop {
-                let owner = self.table.owner(chunk);
-                if held.as_ref().is_none_or(|(o, _)| *o != owner) {
-                    drop(held.take()); // unlock before locking another shard
-                    held = Some((owner, self.shard_of(owner).lock(&env)));
-                }
-                // Whole free chunks move between shards; re-check under the lock.
-                if self.table.owner(chunk) == owner {
-                    break &mut held.as_mut().expect("just locked").1;
-                }
-            };
+            // A chunk only changes owner under its owner's lock: while we hold that lock,
+            // the owner the table names stays true.
+            let owner = self.table.owner(idx.chunk(self.resolved.max_order));
+            if held.as_ref().is_none_or(|(o, _)| *o != owner) {
+                drop(held.take()); // unlock before locking another shard
+                held = Some(self.lock_owner(idx, &env));
+            }
+            let (_, shard) = held.as_mut().expect("locked above");
             debug_assert_eq!(
                 self.table.frame(idx).get(),
                 (crate::frame_table::FrameState::LocalCached, order),
@@ -311,15 +307,22 @@ impl PoolCore {
 
     /// Runs `f` on the locked shard that owns `idx`'s chunk.
     #[inline]
-    fn with_owner<R>(&self, idx: FrameIdx, mut f: impl FnMut(&mut Locked<'_>) -> R) -> R {
+    fn with_owner<R>(&self, idx: FrameIdx, f: impl FnOnce(&mut Locked<'_>) -> R) -> R {
         let env = self.env();
+        let (_, mut shard) = self.lock_owner(idx, &env);
+        f(&mut shard)
+    }
+
+    /// Locks the shard that owns `idx`'s chunk; returns it with its name.
+    #[inline(always)]
+    fn lock_owner<'a>(&'a self, idx: FrameIdx, env: &'a Env<'a>) -> (Owner, Locked<'a>) {
         let chunk = idx.chunk(self.resolved.max_order);
         loop {
             let owner = self.table.owner(chunk);
-            let mut shard = self.shard_of(owner).lock(&env);
+            let shard = self.shard_of(owner).lock(env);
             // Whole free chunks move between shards; re-check under the lock.
             if self.table.owner(chunk) == owner {
-                return f(&mut shard);
+                return (owner, shard);
             }
         }
     }

@@ -176,9 +176,13 @@ fn worker(
             .wrapping_mul(0x9E37_79B9_7F4A_7C15)
             | 1
     };
+    // Checks the owner's pattern and forgets the block: the caller frees it next.
+    let retire = |block: &Block, tag: u64| {
+        check_pattern(block, tag);
+        shared.live.remove(block, tag);
+    };
     let free_checked = |block: Block, tag: u64| {
-        check_pattern(&block, tag);
-        shared.live.remove(&block, tag);
+        retire(&block, tag);
         pool.free(block);
     };
     // Some allocations and frees go through this worker's own lock-free cache.
@@ -218,8 +222,7 @@ fn worker(
         } else if roll < 700 && !held.is_empty() {
             let (block, tag) = held.swap_remove(rng.below(held.len() as u64) as usize);
             if rng.below(2) == 0 {
-                check_pattern(&block, tag);
-                shared.live.remove(&block, tag);
+                retire(&block, tag);
                 cache.free(block);
             } else {
                 free_checked(block, tag);

@@ -6,7 +6,9 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::time::Duration;
 
-use common::{Live, all_free, builder, give, model, quiescent, take};
+use common::{
+    Live, all_free, builder, give, give_on_thread, model, quiescent, take, wait_on_thread,
+};
 use loom::sync::Arc;
 use loom::thread;
 use pagepool::{AllocError, Block, PagePool};
@@ -28,10 +30,7 @@ fn capture_with_zero_timeout_races_a_free() {
         let live = Arc::new(Live::default());
         let a = take(&pool, &live, 0, 1).unwrap();
         let b = take(&pool, &live, 0, 1).unwrap();
-        let t = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || give(&pool, &live, a))
-        };
+        let t = give_on_thread(&pool, &live, vec![a]);
         let got = pool.alloc_wait(1, Duration::ZERO);
         t.join().unwrap();
         match got {
@@ -71,13 +70,7 @@ fn capture_of_a_merged_block_with_zero_timeout() {
         let live = Arc::new(Live::default());
         let a = take(&pool, &live, 0, 0).unwrap();
         let b = take(&pool, &live, 0, 0).unwrap();
-        let t = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || {
-                give(&pool, &live, a);
-                give(&pool, &live, b);
-            })
-        };
+        let t = give_on_thread(&pool, &live, vec![a, b]);
         let got = pool.alloc_wait(1, Duration::ZERO);
         t.join().unwrap();
         match got {
@@ -109,13 +102,7 @@ fn blocked_waiter_is_woken_by_a_certain_free() {
         let live = Arc::new(Live::default());
         let a = take(&pool, &live, 0, 0).unwrap();
         let b = take(&pool, &live, 0, 0).unwrap();
-        let t = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || {
-                give(&pool, &live, a);
-                give(&pool, &live, b);
-            })
-        };
+        let t = give_on_thread(&pool, &live, vec![a, b]);
         let block = pool
             .alloc_wait(1, Duration::from_secs(3600))
             .expect("the frees are certain");
@@ -188,22 +175,8 @@ fn two_blocked_waiters_two_merging_frees() {
             halves.next().unwrap(),
             halves.next().unwrap(),
         );
-        let freer = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || {
-                give(&pool, &live, a);
-                give(&pool, &live, b);
-                give(&pool, &live, c);
-                give(&pool, &live, d);
-            })
-        };
-        let waiter = {
-            let pool = pool.clone();
-            thread::spawn(move || {
-                pool.alloc_wait(1, Duration::from_secs(3600))
-                    .expect("two chunks are freed")
-            })
-        };
+        let freer = give_on_thread(&pool, &live, vec![a, b, c, d]);
+        let waiter = wait_on_thread(&pool, 1, "two chunks are freed");
         let mine = pool
             .alloc_wait(1, Duration::from_secs(3600))
             .expect("two chunks are freed");
@@ -255,10 +228,7 @@ fn reserved_region_goes_to_its_waiter_despite_a_competing_allocation() {
                 }
             })
         };
-        let freer = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || give(&pool, &live, second))
-        };
+        let freer = give_on_thread(&pool, &live, vec![second]);
         let block = pool
             .alloc_wait(1, Duration::from_secs(3600))
             .expect("the region is certain to complete");
@@ -284,10 +254,7 @@ fn reservation_is_released_when_the_waiter_times_out() {
     static RESERVED: AtomicUsize = AtomicUsize::new(0);
     model(|| {
         let (pool, live, second, region1) = half_free_region();
-        let freer = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || give(&pool, &live, second))
-        };
+        let freer = give_on_thread(&pool, &live, vec![second]);
         let got = pool.alloc_wait(1, Duration::ZERO);
         freer.join().unwrap();
         RESERVED.fetch_add(pool.stats().capture.reservations as usize, Relaxed);
@@ -338,20 +305,8 @@ fn two_waiters_reserve_two_regions() {
         let first = frames.pop().unwrap();
         give(&pool, &live, frames.pop().unwrap());
         give(&pool, &live, second);
-        let freer = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || {
-                give(&pool, &live, first);
-                give(&pool, &live, third);
-            })
-        };
-        let waiter = {
-            let pool = pool.clone();
-            thread::spawn(move || {
-                pool.alloc_wait(1, Duration::from_secs(3600))
-                    .expect("two regions complete")
-            })
-        };
+        let freer = give_on_thread(&pool, &live, vec![first, third]);
+        let waiter = wait_on_thread(&pool, 1, "two regions complete");
         let mine = pool
             .alloc_wait(1, Duration::from_secs(3600))
             .expect("two regions complete");

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Live, all_free, builder, give, model, quiescent, take};
+use common::{Live, all_free, builder, give, give_on_thread, model, quiescent, take};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -29,13 +29,7 @@ fn hinter_isolates_while_a_buddy_is_freed_and_an_allocation_runs() {
             let pool = pool.clone();
             thread::spawn(move || pool.hint_now())
         };
-        let freer = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || {
-                give(&pool, &live, a);
-                give(&pool, &live, b);
-            })
-        };
+        let freer = give_on_thread(&pool, &live, vec![a, b]);
         let c = take(&pool, &live, 0, 1);
         let report = hinter.join().unwrap();
         freer.join().unwrap();

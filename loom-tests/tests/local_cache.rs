@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{Live, all_free, builder, give, model, quiescent, take};
+use common::{Live, all_free, builder, give, give_on_thread, model, quiescent, take};
 use loom::sync::Arc;
 use loom::thread;
 use std::time::Duration;
@@ -97,13 +97,7 @@ fn captured_block_goes_straight_into_a_cache() {
         let live = Arc::new(Live::default());
         let a = take(&pool, &live, 0, 0).unwrap();
         let b = take(&pool, &live, 0, 0).unwrap();
-        let t = {
-            let (pool, live) = (pool.clone(), live.clone());
-            thread::spawn(move || {
-                give(&pool, &live, a);
-                give(&pool, &live, b);
-            })
-        };
+        let t = give_on_thread(&pool, &live, vec![a, b]);
         let mut cache = pool.local_cache_with(2);
         let block = pool
             .alloc_wait(1, Duration::from_secs(3600))

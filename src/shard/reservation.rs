@@ -75,12 +75,7 @@ impl Reservations {
         if self.len == 0 {
             return None;
         }
-        let slot = self
-            .slots
-            .iter_mut()
-            .find(|slot| slot.is_some_and(|r| r.within(idx, order)))?;
-        self.len -= 1;
-        slot.take()
+        self.take_first(|r| r.within(idx, order))
     }
 
     fn overlaps(&self, start: FrameIdx, order: u8) -> bool {
@@ -100,10 +95,15 @@ impl Reservations {
     }
 
     fn remove(&mut self, ticket: u64) -> Option<Reservation> {
+        self.take_first(|r| r.ticket == ticket)
+    }
+
+    /// Removes and returns the first reservation that `matches`.
+    fn take_first(&mut self, matches: impl Fn(&Reservation) -> bool) -> Option<Reservation> {
         let slot = self
             .slots
             .iter_mut()
-            .find(|slot| slot.is_some_and(|r| r.ticket == ticket))?;
+            .find(|slot| slot.as_ref().is_some_and(&matches))?;
         self.len -= 1;
         slot.take()
     }

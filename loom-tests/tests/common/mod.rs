@@ -9,6 +9,10 @@
 
 use std::collections::BTreeMap;
 use std::sync::Mutex as StdMutex;
+use std::time::Duration;
+
+use loom::sync::Arc;
+use loom::thread::{self, JoinHandle};
 
 use pagepool::{Backing, Block, PagePool, PoolBuilder, block_size};
 
@@ -97,6 +101,30 @@ pub fn take(pool: &PagePool, live: &Live, shard: usize, order: u8) -> Option<Blo
 pub fn give(pool: &PagePool, live: &Live, block: Block) {
     live.remove(&block);
     pool.free(block);
+}
+
+/// Records and frees `blocks`, in order, on a new model thread.
+pub fn give_on_thread(
+    pool: &Arc<PagePool>,
+    live: &Arc<Live>,
+    blocks: Vec<Block>,
+) -> JoinHandle<()> {
+    let (pool, live) = (pool.clone(), live.clone());
+    thread::spawn(move || {
+        for block in blocks {
+            give(&pool, &live, block);
+        }
+    })
+}
+
+/// `alloc_wait(order)` on a new model thread, with a timeout loom never lets expire:
+/// `certain` says why a block must come.
+pub fn wait_on_thread(pool: &Arc<PagePool>, order: u8, certain: &'static str) -> JoinHandle<Block> {
+    let pool = pool.clone();
+    thread::spawn(move || {
+        pool.alloc_wait(order, Duration::from_secs(3600))
+            .expect(certain)
+    })
 }
 
 /// The invariants at quiescence: the audit, `free + allocated + in flight == capacity`,
