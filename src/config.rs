@@ -6,35 +6,14 @@
 use std::time::Duration;
 
 use crate::error::BuildError;
-use crate::hint::Advisor;
+use crate::os::advice::Advisor;
+pub use crate::os::advice::HintMode;
+pub use crate::os::mapping::Backing;
 use crate::{FRAME_SIZE, MAX_SHARDS, MAX_SUPPORTED_ORDER};
 
 /// Default largest block: order 10, a 4 MiB block. Two transparent huge pages per chunk,
 /// so hinting whole 2 MiB blocks never has to split a chunk's metadata.
 pub const DEFAULT_MAX_ORDER: u8 = 10;
-
-/// Where the pool's memory comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Backing {
-    /// One private anonymous `mmap` reserved with `MAP_NORESERVE`: nothing is committed
-    /// until a block is touched, and hinting gives memory back with `madvise`.
-    Mmap,
-    /// A zeroed allocation from the Rust heap. Hinting is bookkeeping only (no `madvise`).
-    /// Meant for tests, Miri and loom, which cannot model `mmap`.
-    Heap,
-}
-
-/// What the hinter asks of the kernel for a cold free block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum HintMode {
-    /// `MADV_FREE`: the kernel reclaims the pages only under memory pressure; until then a
-    /// reuse costs no fault. Hinted blocks have undefined contents. Shows up as `LazyFree`
-    /// in `/proc/self/smaps_rollup`, not as a drop in `Rss`.
-    Free,
-    /// `MADV_DONTNEED`: the pages go at once and `Rss` drops; the next touch faults in a zero
-    /// page, so hinted blocks become *known-zero*. For users whose monitoring reads `Rss`.
-    DontNeed,
-}
 
 /// Which free block an allocation takes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,7 +281,7 @@ impl PoolBuilder {
         let capacity = match self.capacity {
             Some(0) => return Err(BuildError::ZeroCapacity),
             Some(bytes) => bytes,
-            None => physical_memory().max(chunk_bytes),
+            None => crate::os::machine::physical_memory().max(chunk_bytes),
         };
         if capacity < chunk_bytes {
             return Err(BuildError::CapacityTooSmall {
@@ -354,26 +333,4 @@ pub(crate) struct Resolved {
     pub(crate) shards: usize,
     pub(crate) hint_min_order: u8,
     pub(crate) capture_min_order: u8,
-}
-
-fn physical_memory() -> usize {
-    #[cfg(any(loom, miri))]
-    {
-        1 << 30
-    }
-    #[cfg(not(any(loom, miri)))]
-    {
-        // SAFETY: sysconf has no preconditions.
-        let (pages, page) = unsafe {
-            (
-                libc::sysconf(libc::_SC_PHYS_PAGES),
-                libc::sysconf(libc::_SC_PAGESIZE),
-            )
-        };
-        if pages <= 0 || page <= 0 {
-            1 << 30
-        } else {
-            (pages as usize).saturating_mul(page as usize)
-        }
-    }
 }

@@ -14,9 +14,15 @@
 //! into their shard's lists; `since` records when a block at or above the hint order became
 //! free, so the hinter can tell cold blocks from warm ones.
 //!
-//! Every field is an atomic, but all writes happen under the lock of the shard that owns
-//! the block's chunk, so relaxed accesses suffice (the lock orders them). The only field
-//! read without that lock is the chunk owner, which says which lock to take.
+//! Every field is an atomic with relaxed accesses; what orders them is who may write:
+//! - a *free* block's entries (and every interior entry) are written only under the lock
+//!   of the shard that owns the block's chunk;
+//! - an *allocated* block's head entry belongs to the block's owner, who may flip it
+//!   between "allocated" and "held by a cache" without a lock (caches do), because nobody
+//!   else writes it and every other reader treats both values as "not free";
+//! - the chunk owner is read without a lock, to learn which lock to take.
+//!
+//! Layer 1. May call: `os`, `sync`.
 
 use crate::sync::{AtomicU32, Ordering::Relaxed};
 
@@ -239,21 +245,21 @@ pub(crate) enum Owner {
 
 /// The frame entries of a region and the owner of each chunk.
 pub(crate) struct FrameTable {
-    frames: crate::region::MetaArray<Frame>,
+    frames: crate::os::mapping::MetaArray<Frame>,
     /// 0 = shared (so a fresh, zeroed table puts every chunk there), i + 1 = shard i.
-    owners: crate::region::MetaArray<AtomicU32>,
+    owners: crate::os::mapping::MetaArray<AtomicU32>,
 }
 
 impl FrameTable {
     pub(crate) fn new(
         chunks: u32,
         max_order: u8,
-        backing: crate::config::Backing,
+        backing: crate::os::mapping::Backing,
     ) -> std::io::Result<Self> {
         let frames = (chunks as usize) << max_order;
         Ok(Self {
-            frames: crate::region::MetaArray::new(frames, backing, true, |_| Frame::new())?,
-            owners: crate::region::MetaArray::new(chunks as usize, backing, true, |_| {
+            frames: crate::os::mapping::MetaArray::new(frames, backing, true, |_| Frame::new())?,
+            owners: crate::os::mapping::MetaArray::new(chunks as usize, backing, true, |_| {
                 AtomicU32::new(0)
             })?,
         })

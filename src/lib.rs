@@ -28,34 +28,42 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! # Design
-//! Each idea lives in one module:
+//! # Design: one way down
+//! The modules form layers; each uses only the layers below it (a test,
+//! `tests/layering.rs`, reads every `crate::` path and fails on an upward one):
 //!
-//! - `region`: the mapping, reserved with `MAP_NORESERVE` and
-//!   aligned to the largest block, so a block's address says where its buddy is.
-//! - `frame_table`: out-of-band metadata, 16 bytes per 4 KiB frame: list links, state and
-//!   order of each block head, and when a large block became free. Nothing is ever written
-//!   into the blocks: hinted memory must stay untouched.
-//! - `shard`: one buddy allocator: per-order free lists split by hint class, a cache of
-//!   small freed blocks, and lock-free counters (`freed`/`bound`, as in the seed);
-//!   `shard::reservation` keeps the regions reserved for capture requests.
-//! - `pool`: shard choice by CPU, balancing through a shared pool of whole free chunks and
-//!   by allocating from other shards, frees routed to the chunk's owner.
-//! - `hint`: the hinter thread and its isolate / advise / return protocol.
-//! - `capture`: the queue of waiting requests and the hand-off protocol.
-//! - `local_cache`: [`LocalCache`], a caller-owned cache of free blocks in front of the
-//!   shards, with no lock on its fast path.
-//! - `stats`, `config`, `error`, `process_memory` (honest `Rss - LazyFree` readings), and
-//!   `sync`, the facade that swaps `std` for `loom`.
-//! - `global`: [`PoolAlloc`], the pool as a `#[global_allocator]`: small requests to a
-//!   fallback allocator, routing of frees by address, lazy allocation-free set-up, a
-//!   re-entrancy guard, in-place `realloc`, and `fork` handlers.
-//! - `allocator_api` (feature `allocator-api2`, on by default): `allocator_api2::Allocator`
-//!   for [`PagePool`] (so `&PagePool`) and [`PoolAlloc`], for `hashbrown` and
-//!   `allocator_api2::vec::Vec`.
+//! ```text
+//!  front      PagePool, Block, LocalCache, PoolAlloc, Allocator impls   (the ways in)
+//!    |
+//!  pool       PoolCore: shard choice, balancing, frees to the owner, capture waits,
+//!    |        stats, the consistency audit
+//!  policy     hint (free page hinting: signal, passes)   capture (waiting requests)
+//!    |
+//!  shard      one buddy allocator: lists, counters, small-block cache, reservations,
+//!    |        isolation; knows nothing of hinting or capture (a `Handoff` trait, a flag)
+//!  frame_table  16 bytes of out-of-band metadata per 4 KiB frame
+//!    |
+//!  config, error   settings as plain data, typed errors
+//!  os         mapping, madvise, machine facts, process memory   sync (std or loom)
+//! ```
 //!
-//! Data flows one way: the adapter calls the pool, the pool picks a shard, the shard edits
-//! the frame table; the hinter and capture hook into the shard through narrow functions.
+//! - `os::mapping`: the region, reserved with `MAP_NORESERVE` and aligned to the largest
+//!   block, so a block's address says where its buddy is; metadata arrays mapped from the
+//!   OS (a global allocator must not allocate through itself).
+//! - `frame_table`: list links, state and order of each block head, and when a large block
+//!   became free. Nothing is ever written into the blocks: hinted memory must stay
+//!   untouched.
+//! - `shard`: per-order free lists split by hint class, a cache of small freed blocks, and
+//!   lock-free counters (monotonic `freed`/`bound`, as in the free page hinting series);
+//!   `shard::reservation` keeps regions out of reach of allocation for capture requests.
+//! - `policy::hint`: the isolate / advise / return protocol of Linux's free page reporting.
+//! - `policy::capture`: the queue of waiting requests and the hand-off protocol.
+//! - `pool`: [`PagePool`]'s core, without threads or reference counts, so it can live in a
+//!   `static`.
+//! - `front`: [`PagePool`] and [`Block`], [`LocalCache`], [`PoolAlloc`], and (feature
+//!   `allocator-api2`, on by default) `allocator_api2::Allocator` for both.
+//! - `sync` is the only module that names `std::sync` or `loom`, so `--cfg loom` swaps every
+//!   atomic, lock and thread at once and the loom models drive the real code.
 //!
 //! # For JIT runtimes
 //! A JIT can take its code blocks from a pool of its own (see `examples/jit_code.rs`):
@@ -83,33 +91,26 @@
 
 #![warn(missing_docs)]
 
-#[cfg(all(feature = "allocator-api2", not(loom)))]
-mod allocator_api;
-mod capture;
 mod config;
 mod error;
 mod frame_table;
-#[cfg(not(loom))]
-mod global;
-mod hint;
-mod local_cache;
+mod front;
+mod os;
+mod policy;
 mod pool;
-mod process_memory;
-mod region;
 mod shard;
-mod stats;
 mod sync;
 
 pub use config::{AllocPolicy, Backing, DEFAULT_MAX_ORDER, HintMode, PoolBuilder};
 pub use error::{AllocError, BuildError, FreeError};
 #[cfg(not(loom))]
-pub use global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
+pub use front::global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
+pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
+pub use front::{Block, HintReport, PagePool};
 #[doc(hidden)]
-pub use hint::Advisor;
-pub use local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
-pub use pool::{Block, HintReport, PagePool};
-pub use process_memory::{ProcessMemory, minor_faults};
-pub use stats::{CaptureStats, HintStats, OrderStats, Stats};
+pub use os::advice::Advisor;
+pub use os::memory::{ProcessMemory, minor_faults};
+pub use pool::stats::{CaptureStats, HintStats, OrderStats, Stats};
 
 /// log2 of [`FRAME_SIZE`].
 pub const FRAME_SHIFT: usize = 12;

@@ -10,6 +10,10 @@ use pagepool::{
     Stats, block_size, order_for,
 };
 
+mod common;
+
+use common::assert_balanced;
+
 const MIB: usize = 1 << 20;
 
 fn builder() -> PoolBuilder {
@@ -50,17 +54,8 @@ fn unchanged<R>(pool: &PagePool, misuse: impl FnOnce() -> R) -> R {
         before, after,
         "the pool changed:\nbefore\n{before}\nafter\n{after}"
     );
-    assert_ok(pool, &after);
+    assert_balanced(pool);
     result
-}
-
-fn assert_ok(pool: &PagePool, s: &Stats) {
-    assert_eq!(
-        s.free_bytes + s.allocated_bytes + s.in_flight_bytes,
-        s.capacity as u64,
-        "{s}"
-    );
-    pool.check_consistency().unwrap();
 }
 
 fn release(pool: PagePool, live: Vec<pagepool::Block>) {
@@ -341,7 +336,7 @@ fn exhaustion_is_an_error_not_a_panic() {
         },
         before
     );
-    assert_ok(&pool, &after);
+    assert_balanced(&pool);
     // A reclaim callback that frees nothing gives up.
     let mut calls = 0;
     let err = pool
@@ -359,7 +354,7 @@ fn exhaustion_is_an_error_not_a_panic() {
     );
     assert_eq!(calls, 1);
     assert_eq!(pool.stats().capture.waiting, 0);
-    assert_ok(&pool, &pool.stats());
+    assert_balanced(&pool);
     release(pool, live);
 }
 

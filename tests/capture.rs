@@ -6,16 +6,9 @@ use std::time::{Duration, Instant};
 
 use pagepool::{AllocError, Block, PagePool, PoolBuilder};
 
-const CHUNK: usize = 4 << 20;
+mod common;
 
-fn pool(chunks: usize, shards: usize) -> PoolBuilder {
-    PagePool::builder()
-        .capacity(chunks * CHUNK)
-        .max_order(10)
-        .shards(shards)
-        .cache_blocks(0)
-        .hint_thread(false)
-}
+use common::{assert_all_free, quiet};
 
 /// Allocates every block of `order` the pool has.
 fn fill(pool: &PagePool, order: u8) -> Vec<Block> {
@@ -30,17 +23,9 @@ fn fill(pool: &PagePool, order: u8) -> Vec<Block> {
     blocks
 }
 
-fn assert_all_free(pool: &PagePool) {
-    pool.drain_caches();
-    pool.check_consistency().unwrap();
-    let s = pool.stats();
-    assert_eq!(s.free_bytes, s.capacity as u64, "a block leaked:\n{s}");
-    assert_eq!(s.capture.waiting, 0);
-}
-
 #[test]
 fn a_free_on_another_thread_and_shard_hands_the_block_over() {
-    let pool = pool(2, 2).build().unwrap();
+    let pool = quiet(2, 2).cache_blocks(0).build().unwrap();
     // Chunk 0 goes to shard 0, chunk 1 to shard 1, both cut into order-9 halves.
     let mut shard0: Vec<Block> = (0..2).map(|_| pool.alloc_on(0, 9).unwrap()).collect();
     let mut shard1: Vec<Block> = (0..2).map(|_| pool.alloc_on(1, 9).unwrap()).collect();
@@ -71,7 +56,7 @@ fn a_free_on_another_thread_and_shard_hands_the_block_over() {
 
 #[test]
 fn a_larger_coalesced_block_is_split_and_the_rest_freed() {
-    let pool = pool(1, 1).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let mut blocks = fill(&pool, 3); // 128 blocks of 32 KiB
     let got = std::thread::scope(|s| {
         let waiter = s.spawn(|| pool.alloc_wait(5, Duration::from_secs(10)));
@@ -104,7 +89,7 @@ fn a_larger_coalesced_block_is_split_and_the_rest_freed() {
 
 #[test]
 fn timeout_with_a_block_arriving_at_the_deadline_leaks_nothing() {
-    let pool = pool(1, 1).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let mut blocks = fill(&pool, 9);
     let (mut ok, mut timeouts) = (0, 0);
     for round in 0..40 {
@@ -153,7 +138,7 @@ fn timeout_with_a_block_arriving_at_the_deadline_leaks_nothing() {
 
 #[test]
 fn several_waiters_of_one_order_are_served_first_come_first_served() {
-    let pool = pool(2, 1).build().unwrap();
+    let pool = quiet(2, 1).cache_blocks(0).build().unwrap();
     let mut blocks = fill(&pool, 9); // 4 halves
     let served = AtomicUsize::new(0);
     let results = std::thread::scope(|s| {
@@ -197,7 +182,7 @@ fn several_waiters_of_one_order_are_served_first_come_first_served() {
 
 #[test]
 fn waiters_of_different_orders_wait_at_once() {
-    let pool = pool(1, 1).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let mut blocks = fill(&pool, 0);
     let (a, b) = std::thread::scope(|s| {
         let big = s.spawn(|| pool.alloc_wait(8, Duration::from_secs(10)));
@@ -230,7 +215,7 @@ fn waiters_of_different_orders_wait_at_once() {
 
 #[test]
 fn reclaim_callback_that_frees_in_pieces_gets_its_block() {
-    let pool = pool(1, 1).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let mut owned = fill(&pool, 0); // the buffer manager's pages
     // Evict in allocation order, 8 frames per round: the block forms after 4 rounds.
     owned.reverse();
@@ -262,7 +247,7 @@ fn reclaim_callback_that_frees_in_pieces_gets_its_block() {
 
 #[test]
 fn reclaim_that_cannot_succeed_reports_it() {
-    let pool = pool(1, 1).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let blocks = fill(&pool, 0);
     let mut rounds = 0;
     let err = pool
@@ -287,7 +272,7 @@ fn reclaim_that_cannot_succeed_reports_it() {
 
 #[test]
 fn small_orders_never_wait() {
-    let pool = pool(1, 1).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let blocks = fill(&pool, 0);
     let start = Instant::now();
     assert_eq!(
@@ -306,7 +291,7 @@ fn small_orders_never_wait() {
 
 #[test]
 fn with_capture_off_a_waiter_polls_until_its_deadline() {
-    let pool = pool(1, 1).capture(false).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).capture(false).build().unwrap();
     let mut blocks = fill(&pool, 9);
     assert_eq!(
         pool.alloc_wait(9, Duration::from_millis(20)).unwrap_err(),
@@ -331,7 +316,7 @@ fn with_capture_off_a_waiter_polls_until_its_deadline() {
 
 #[test]
 fn wait_returns_at_once_when_a_block_is_free() {
-    let pool = pool(1, 1).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let block = pool.alloc_wait(9, Duration::from_secs(10)).unwrap();
     assert_eq!(pool.stats().capture.waits, 0);
     pool.free(block);
@@ -371,7 +356,7 @@ fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
 #[test]
 fn a_waiter_reserves_the_fullest_region_and_others_cannot_take_its_pieces() {
     // Region 0 (frames 0..512) is half free, region 1 has ten free frames.
-    let (pool, mut blocks) = order0_pool(pool(1, 1), (0..256).chain(600..610));
+    let (pool, mut blocks) = order0_pool(quiet(1, 1).cache_blocks(0), (0..256).chain(600..610));
     let base = blocks[256].as_ref().unwrap().as_ptr() as usize - 256 * 4096;
     std::thread::scope(|s| {
         let waiter = s.spawn(|| pool.alloc_wait(9, Duration::from_secs(30)));
@@ -416,7 +401,7 @@ fn a_waiter_reserves_the_fullest_region_and_others_cannot_take_its_pieces() {
 
 #[test]
 fn a_timed_out_waiter_gives_its_reserved_pieces_back() {
-    let (pool, blocks) = order0_pool(pool(1, 1), 0..300);
+    let (pool, blocks) = order0_pool(quiet(1, 1).cache_blocks(0), 0..300);
     let got = pool.alloc_wait(9, Duration::from_millis(20));
     assert_eq!(got.unwrap_err(), AllocError::Timeout { order: 9 });
     let s = pool.stats();
@@ -433,7 +418,7 @@ fn a_timed_out_waiter_gives_its_reserved_pieces_back() {
 
 #[test]
 fn a_reclaiming_caller_reserves_too() {
-    let (pool, mut blocks) = order0_pool(pool(1, 1), 0..128);
+    let (pool, mut blocks) = order0_pool(quiet(1, 1).cache_blocks(0), 0..128);
     let mut next = 128;
     let mut stolen = Vec::new();
     let got = pool
@@ -470,7 +455,8 @@ fn a_reclaiming_caller_reserves_too() {
 
 #[test]
 fn with_reservation_off_other_allocations_take_the_pieces() {
-    let (pool, mut blocks) = order0_pool(pool(1, 1).capture_reserve(false), 0..256);
+    let (pool, mut blocks) =
+        order0_pool(quiet(1, 1).cache_blocks(0).capture_reserve(false), 0..256);
     std::thread::scope(|s| {
         let waiter = s.spawn(|| pool.alloc_wait(9, Duration::from_secs(30)));
         wait_until("the request waits", || pool.stats().capture.waiting == 1);

@@ -5,86 +5,18 @@
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 
-use pagepool::{AllocError, Backing, Block, FreeError, PagePool, PoolBuilder, Stats, block_size};
+use pagepool::{AllocError, Backing, Block, FreeError, PagePool, Stats, block_size};
 use proptest::prelude::*;
 
-const MIB: usize = 1 << 20;
-/// A 4 MiB chunk (order 10).
-const CHUNK: usize = 4 * MIB;
+mod common;
 
-/// A quiet pool: no hinter thread, 4 MiB chunks.
-fn builder(chunks: usize, shards: usize) -> PoolBuilder {
-    PagePool::builder()
-        .capacity(chunks * CHUNK)
-        .max_order(10)
-        .shards(shards)
-        .hint_thread(false)
-}
-
-/// `free + allocated + in-flight == capacity`, and the full audit.
-fn assert_balanced(pool: &PagePool) -> Stats {
-    let s = pool.stats();
-    assert_eq!(
-        s.free_bytes + s.allocated_bytes + s.in_flight_bytes,
-        s.capacity as u64,
-        "free + allocated + in flight != capacity:\n{s}"
-    );
-    pool.check_consistency()
-        .unwrap_or_else(|e| panic!("inconsistent pool: {e}\n{s}"));
-    s
-}
-
-/// After `drain_caches`, every free byte sits in whole chunks.
-fn assert_whole_chunks(pool: &PagePool) {
-    pool.drain_caches();
-    let s = assert_balanced(pool);
-    let max = pool.max_order() as usize;
-    for o in &s.orders[..max] {
-        assert_eq!(
-            o.free, 0,
-            "order {} still has free pieces after everything was freed:\n{s}",
-            o.order
-        );
-        assert_eq!(
-            o.allocated, 0,
-            "order {} still has allocated blocks:\n{s}",
-            o.order
-        );
-    }
-    let chunks = (s.capacity / block_size(max as u8)) as u64;
-    assert_eq!(
-        s.orders[max].free, chunks,
-        "not every chunk is whole and free:\n{s}"
-    );
-    assert_eq!(s.free_bytes, s.capacity as u64);
-    assert_eq!(s.cached_bytes, 0);
-}
-
-fn fill(block: &mut Block, tag: u8) {
-    let len = block.len();
-    let bytes = block.as_mut_slice();
-    bytes[0] = tag;
-    bytes[len / 2] = tag.wrapping_add(1);
-    bytes[len - 1] = tag.wrapping_add(2);
-}
-
-fn check(block: &Block, tag: u8) {
-    let bytes = block.as_slice();
-    let len = bytes.len();
-    assert_eq!(
-        (bytes[0], bytes[len / 2], bytes[len - 1]),
-        (tag, tag.wrapping_add(1), tag.wrapping_add(2)),
-        "block at {:p} (order {}) lost its contents",
-        block.as_ptr(),
-        block.order()
-    );
-}
+use common::{CHUNK, assert_balanced, assert_whole_chunks, quiet, stamp, verify};
 
 // --- split and merge ------------------------------------------------------------------------
 
 #[test]
 fn order0_from_a_fresh_pool_splits_one_chunk() {
-    let pool = builder(4, 1).cache_blocks(0).build().unwrap();
+    let pool = quiet(4, 1).cache_blocks(0).build().unwrap();
     let s = pool.stats();
     assert_eq!(s.orders[10].free, 4);
     assert_eq!(
@@ -124,12 +56,12 @@ fn order0_from_a_fresh_pool_splits_one_chunk() {
 
 #[test]
 fn freeing_everything_coalesces_back_to_whole_chunks() {
-    let pool = builder(4, 2).build().unwrap();
+    let pool = quiet(4, 2).build().unwrap();
     let mut blocks = Vec::new();
     for i in 0..300u32 {
         let order = (i % 6) as u8;
         let mut block = pool.alloc_on(i as usize, order).unwrap();
-        fill(&mut block, i as u8);
+        stamp(&mut block, i as u8);
         blocks.push((block, i as u8));
     }
     assert_balanced(&pool);
@@ -141,7 +73,7 @@ fn freeing_everything_coalesces_back_to_whole_chunks() {
         .collect();
     keyed.sort_by_key(|&(k, _)| k);
     for (_, (block, tag)) in keyed {
-        check(&block, tag);
+        verify(&block, tag);
         pool.free(block);
     }
     assert_whole_chunks(&pool);
@@ -149,7 +81,7 @@ fn freeing_everything_coalesces_back_to_whole_chunks() {
 
 #[test]
 fn the_cache_holds_small_frees_until_drained() {
-    let pool = builder(2, 1).cache_blocks(8).build().unwrap();
+    let pool = quiet(2, 1).cache_blocks(8).build().unwrap();
     let blocks: Vec<_> = (0..4).map(|_| pool.alloc(0).unwrap()).collect();
     for block in blocks {
         pool.free(block);
@@ -169,7 +101,7 @@ fn the_cache_holds_small_frees_until_drained() {
 
 #[test]
 fn every_order_can_be_allocated_and_merged() {
-    let pool = builder(2, 1).build().unwrap();
+    let pool = quiet(2, 1).build().unwrap();
     for order in 0..=10u8 {
         let mut block = pool.alloc(order).unwrap();
         assert_eq!(block.order(), order);
@@ -179,8 +111,8 @@ fn every_order_can_be_allocated_and_merged() {
             0,
             "a block is aligned to its size"
         );
-        fill(&mut block, order);
-        check(&block, order);
+        stamp(&mut block, order);
+        verify(&block, order);
         assert_eq!(pool.order_of(block.as_ptr()), Ok(order));
         pool.free(block);
     }
@@ -189,7 +121,7 @@ fn every_order_can_be_allocated_and_merged() {
 
 #[test]
 fn alloc_zeroed_zeroes_dirty_memory() {
-    let pool = builder(1, 1).cache_blocks(0).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let mut block = pool.alloc(3).unwrap();
     block.as_mut_slice().fill(0xAB);
     pool.free(block);
@@ -201,7 +133,7 @@ fn alloc_zeroed_zeroes_dirty_memory() {
 
 #[test]
 fn raw_round_trip_finds_the_order_in_the_frame_table() {
-    let pool = builder(1, 1).build().unwrap();
+    let pool = quiet(1, 1).build().unwrap();
     let block = pool.alloc(5).unwrap();
     let ptr = block.into_raw();
     assert_eq!(pool.order_of(ptr.as_ptr()), Ok(5));
@@ -220,9 +152,9 @@ fn raw_round_trip_finds_the_order_in_the_frame_table() {
 
 #[test]
 fn grow_and_shrink_in_place() {
-    let pool = builder(1, 1).cache_blocks(0).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let mut block = pool.alloc(2).unwrap();
-    fill(&mut block, 7);
+    stamp(&mut block, 7);
     let at = block.as_ptr();
     assert!(
         pool.try_grow(&mut block, 5),
@@ -234,7 +166,7 @@ fn grow_and_shrink_in_place() {
         7,
         "growing in place keeps the contents"
     );
-    fill(&mut block, 7);
+    stamp(&mut block, 7);
     let s = assert_balanced(&pool);
     assert_eq!(s.orders[5].allocated, 1);
     assert_eq!(s.orders[2].allocated, 0);
@@ -270,11 +202,7 @@ fn grow_and_shrink_in_place() {
 
 #[test]
 fn a_free_from_another_thread_goes_back_to_the_owning_shard_and_merges() {
-    let pool = builder(4, 2)
-        .cache_blocks(0)
-        .keep_chunks(8)
-        .build()
-        .unwrap();
+    let pool = quiet(4, 2).cache_blocks(0).keep_chunks(8).build().unwrap();
     let a = pool.alloc_on(0, 3).unwrap();
     let b = pool.alloc_on(0, 3).unwrap();
     assert_eq!(
@@ -308,7 +236,7 @@ fn a_free_from_another_thread_goes_back_to_the_owning_shard_and_merges() {
 
 #[test]
 fn an_empty_shard_takes_a_chunk_from_the_shared_pool() {
-    let pool = builder(4, 2).build().unwrap();
+    let pool = quiet(4, 2).build().unwrap();
     let s = pool.stats();
     assert_eq!(
         s.free_bytes_per_shard,
@@ -325,7 +253,7 @@ fn an_empty_shard_takes_a_chunk_from_the_shared_pool() {
 
 #[test]
 fn surplus_whole_chunks_go_back_to_the_shared_pool() {
-    let pool = builder(4, 2).keep_chunks(0).build().unwrap();
+    let pool = quiet(4, 2).keep_chunks(0).build().unwrap();
     let blocks: Vec<_> = (0..4).map(|_| pool.alloc_on(0, 10).unwrap()).collect();
     assert_eq!(pool.stats().free_bytes, 0);
     for block in blocks {
@@ -338,7 +266,7 @@ fn surplus_whole_chunks_go_back_to_the_shared_pool() {
         "keep_chunks(0) keeps none:\n{s}"
     );
 
-    let pool = builder(4, 2).keep_chunks(1).build().unwrap();
+    let pool = quiet(4, 2).keep_chunks(1).build().unwrap();
     let blocks: Vec<_> = (0..4).map(|_| pool.alloc_on(0, 10).unwrap()).collect();
     for block in blocks {
         pool.free(block);
@@ -353,7 +281,7 @@ fn surplus_whole_chunks_go_back_to_the_shared_pool() {
 
 #[test]
 fn allocation_never_fails_while_another_shard_holds_a_fitting_block() {
-    let pool = builder(4, 2).keep_chunks(8).build().unwrap();
+    let pool = quiet(4, 2).keep_chunks(8).build().unwrap();
     // Shard 0 takes every chunk.
     let chunks: Vec<_> = (0..4).map(|_| pool.alloc_on(0, 10).unwrap()).collect();
     assert_eq!(pool.stats().free_bytes, 0);
@@ -394,7 +322,7 @@ fn allocation_never_fails_while_another_shard_holds_a_fitting_block() {
 #[test]
 fn a_cached_block_in_another_shard_is_found_when_all_else_is_exhausted() {
     // One chunk, two shards: shard 0 caches a freed block; shard 1 must still get it.
-    let pool = builder(1, 2).cache_blocks(32).build().unwrap();
+    let pool = quiet(1, 2).cache_blocks(32).build().unwrap();
     let mut all = Vec::new();
     while let Ok(b) = pool.alloc_on(0, 0) {
         all.push(b);
@@ -419,15 +347,15 @@ fn a_cached_block_in_another_shard_is_found_when_all_else_is_exhausted() {
 
 #[test]
 fn heap_backing_behaves_like_mmap() {
-    let pool = builder(2, 2).backing(Backing::Heap).build().unwrap();
+    let pool = quiet(2, 2).backing(Backing::Heap).build().unwrap();
     let mut blocks = Vec::new();
     for i in 0..64u8 {
         let mut block = pool.alloc_on(i as usize, i % 6).unwrap();
-        fill(&mut block, i);
+        stamp(&mut block, i);
         blocks.push((block, i));
     }
     for (block, tag) in blocks {
-        check(&block, tag);
+        verify(&block, tag);
         pool.free(block);
     }
     assert_whole_chunks(&pool);
@@ -435,7 +363,7 @@ fn heap_backing_behaves_like_mmap() {
 
 #[test]
 fn stats_display_is_a_readable_table() {
-    let pool = builder(1, 1).build().unwrap();
+    let pool = quiet(1, 1).build().unwrap();
     let block = pool.alloc(3).unwrap();
     let text = pool.stats().to_string();
     assert!(text.contains("capacity 4.0 MiB"), "{text}");
@@ -530,7 +458,7 @@ impl Model {
         }
         let tag = self.next_tag;
         self.next_tag = self.next_tag.wrapping_add(3);
-        fill(&mut block, tag);
+        stamp(&mut block, tag);
         self.live.insert(start, (block, tag));
     }
 
@@ -577,7 +505,7 @@ fn run_ops(pool: &PagePool, ops: &[Op]) {
                     continue;
                 };
                 let (block, tag) = model.live.remove(&key).unwrap();
-                check(&block, tag);
+                verify(&block, tag);
                 let order = block.order();
                 if matches!(op, Op::Free { .. }) {
                     pool.free(block);
@@ -593,7 +521,7 @@ fn run_ops(pool: &PagePool, ops: &[Op]) {
                     continue;
                 };
                 let (mut block, tag) = model.live.remove(&key).unwrap();
-                check(&block, tag);
+                verify(&block, tag);
                 let (from, target) = (block.order(), (block.order() + by).min(10));
                 let grown = pool.try_grow(&mut block, target);
                 assert_eq!(block.order(), if grown { target } else { from });
@@ -608,7 +536,7 @@ fn run_ops(pool: &PagePool, ops: &[Op]) {
                 if let Some((&next, _)) = model.live.range(key..).next() {
                     assert!(key + len <= next, "grown block overlaps {next:#x}");
                 }
-                fill(&mut block, tag);
+                stamp(&mut block, tag);
                 model.live.insert(key, (block, tag));
             }
             Op::Shrink { which, by } => {
@@ -620,7 +548,7 @@ fn run_ops(pool: &PagePool, ops: &[Op]) {
                 pool.shrink(&mut block, target);
                 assert_eq!(block.order(), target);
                 // The tag's middle and last bytes may be gone: re-tag.
-                fill(&mut block, tag);
+                stamp(&mut block, tag);
                 model.live.insert(key, (block, tag));
             }
             Op::DrainCaches => pool.drain_caches(),
@@ -673,7 +601,7 @@ fn run_ops(pool: &PagePool, ops: &[Op]) {
         );
     }
     for (_, (block, tag)) in std::mem::take(&mut model.live) {
-        check(&block, tag);
+        verify(&block, tag);
         pool.free(block);
     }
     assert_whole_chunks(pool);
@@ -693,7 +621,7 @@ proptest! {
         keep in 0u32..3,
     ) {
         // 3 chunks of 4 MiB over 2 shards: small enough to hit exhaustion and balancing.
-        let pool = builder(3, 2).cache_blocks(cache).keep_chunks(keep).hint_min_order(4).build().unwrap();
+        let pool = quiet(3, 2).cache_blocks(cache).keep_chunks(keep).hint_min_order(4).build().unwrap();
         run_ops(&pool, &ops);
     }
 }
@@ -702,7 +630,7 @@ proptest! {
 fn the_model_catches_a_leak() {
     // Every check in `run_ops` must be able to fail: a block kept out of the model's sight
     // makes `allocated_bytes` disagree.
-    let pool = builder(1, 1).build().unwrap();
+    let pool = quiet(1, 1).build().unwrap();
     let hidden = pool.alloc(0).unwrap();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         run_ops(&pool, &[Op::DrainCaches])
@@ -717,7 +645,7 @@ fn the_model_catches_a_leak() {
 /// above the capacity. Found by the loom model `snapshots_against_concurrent_split_and_merge`.
 #[test]
 fn snapshots_are_self_consistent_under_concurrent_updates() {
-    let pool = builder(2, 2)
+    let pool = quiet(2, 2)
         .cache_blocks(4)
         .keep_chunks(0)
         .hint_min_order(0)
@@ -804,7 +732,7 @@ impl pagepool::Advisor for GatedAdvisor {
 /// then failed with memory free, and the chunk never coalesced again.
 #[test]
 fn capture_of_a_chunk_returning_to_the_shared_pool_strands_nothing() {
-    let pool = builder(2, 1)
+    let pool = quiet(2, 1)
         .keep_chunks(0)
         .hint_min_order(10)
         .capture_min_order(3)

@@ -7,17 +7,15 @@ use std::time::{Duration, Instant};
 
 use pagepool::{Advisor, AllocPolicy, Backing, Block, HintMode, PagePool, PoolBuilder};
 
-const CHUNK: usize = 4 << 20;
+mod common;
+
+use common::CHUNK;
 
 /// One shard, no cache, 4 MiB chunks, hint at 2 MiB and up, no thread.
 fn quiet(chunks: usize) -> PoolBuilder {
-    PagePool::builder()
-        .capacity(chunks * CHUNK)
-        .max_order(10)
-        .shards(1)
+    common::quiet(chunks, 1)
         .cache_blocks(0)
         .keep_chunks(64)
-        .hint_thread(false)
         .hint_min_order(9)
 }
 

@@ -4,32 +4,16 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use pagepool::{AllocError, Block, FreeError, PagePool, PoolBuilder, Stats};
+use pagepool::{AllocError, Block, FreeError};
 use rayon::prelude::*;
 
-const CHUNK: usize = 4 << 20;
+mod common;
 
-fn builder(chunks: usize, shards: usize) -> PoolBuilder {
-    PagePool::builder()
-        .capacity(chunks * CHUNK)
-        .max_order(10)
-        .shards(shards)
-        .hint_thread(false)
-}
-
-/// `free + allocated + in flight == capacity`, the audit, and every byte free again.
-fn assert_all_free(pool: &PagePool) -> Stats {
-    pool.drain_caches();
-    pool.check_consistency().unwrap();
-    let s = pool.stats();
-    assert_eq!(s.free_bytes, s.capacity as u64, "a block leaked:\n{s}");
-    assert_eq!(s.local_cache_bytes, 0, "{s}");
-    s
-}
+use common::{assert_all_free, quiet};
 
 #[test]
 fn blocks_cycle_through_the_cache_and_go_back_on_drop() {
-    let pool = builder(4, 1).build().unwrap();
+    let pool = quiet(4, 1).build().unwrap();
     let mut cache = pool.local_cache_with(8);
     let a = cache.alloc(0).unwrap();
     // The refill took half the limit: one handed out, three kept.
@@ -54,7 +38,7 @@ fn blocks_cycle_through_the_cache_and_go_back_on_drop() {
 
 #[test]
 fn a_full_order_spills_half_to_the_pool() {
-    let pool = builder(4, 1).build().unwrap();
+    let pool = quiet(4, 1).build().unwrap();
     let mut cache = pool.local_cache_with(8);
     let blocks: Vec<Block> = (0..40).map(|_| pool.alloc(1).unwrap()).collect();
     for block in blocks {
@@ -70,7 +54,7 @@ fn a_full_order_spills_half_to_the_pool() {
 
 #[test]
 fn limits_halve_above_order_3_and_zero_caches_nothing() {
-    let pool = builder(8, 1).build().unwrap();
+    let pool = quiet(8, 1).build().unwrap();
     let mut cache = pool.local_cache_with(16);
     let blocks: Vec<Block> = (0..4).map(|_| pool.alloc(9).unwrap()).collect();
     for block in blocks {
@@ -90,7 +74,7 @@ fn limits_halve_above_order_3_and_zero_caches_nothing() {
 
 #[test]
 fn a_raw_free_of_a_cached_block_is_a_double_free() {
-    let pool = builder(1, 1).build().unwrap();
+    let pool = quiet(1, 1).build().unwrap();
     let mut cache = pool.local_cache();
     let block = cache.alloc(0).unwrap();
     let ptr = block.as_non_null();
@@ -106,7 +90,7 @@ fn a_raw_free_of_a_cached_block_is_a_double_free() {
 
 #[test]
 fn bad_orders_and_exhaustion_are_errors() {
-    let pool = builder(1, 1).build().unwrap();
+    let pool = quiet(1, 1).build().unwrap();
     let mut cache = pool.local_cache();
     assert_eq!(
         cache.alloc(11).unwrap_err(),
@@ -129,15 +113,15 @@ fn bad_orders_and_exhaustion_are_errors() {
 #[test]
 #[should_panic(expected = "freed to pool")]
 fn a_block_of_another_pool_panics() {
-    let pool = builder(1, 1).build().unwrap();
-    let other = builder(1, 1).build().unwrap();
+    let pool = quiet(1, 1).build().unwrap();
+    let other = quiet(1, 1).build().unwrap();
     let mut cache = pool.local_cache();
     cache.free(other.alloc(0).unwrap());
 }
 
 #[test]
 fn zeroed_blocks_are_zero_even_from_the_cache() {
-    let pool = builder(1, 1).build().unwrap();
+    let pool = quiet(1, 1).build().unwrap();
     let mut cache = pool.local_cache();
     let mut block = cache.alloc(2).unwrap();
     block.as_mut_slice().fill(0xa5);
@@ -151,7 +135,7 @@ fn zeroed_blocks_are_zero_even_from_the_cache() {
 
 #[test]
 fn while_a_capture_request_waits_frees_go_to_the_pool() {
-    let pool = builder(1, 1).cache_blocks(0).build().unwrap();
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let mut cache = pool.local_cache();
     let mut blocks: Vec<Block> = std::iter::from_fn(|| cache.alloc(0).ok()).collect();
     assert_eq!(blocks.len(), 1024);
@@ -183,7 +167,7 @@ fn while_a_capture_request_waits_frees_go_to_the_pool() {
 /// sometimes into another worker's cache, sometimes to the pool directly.
 #[test]
 fn blocks_cross_between_caches_and_threads() {
-    let pool = builder(16, 4).build().unwrap();
+    let pool = quiet(16, 4).build().unwrap();
     let pile: Mutex<Vec<(Block, u64)>> = Mutex::new(Vec::new());
     (0..8u64).into_par_iter().for_each_init(
         || pool.local_cache_with(8),
@@ -238,7 +222,7 @@ fn blocks_cross_between_caches_and_threads() {
 /// flushes, and a second cache dropped.
 #[test]
 fn stats_count_exactly_what_the_caches_hold() {
-    let pool = builder(4, 2).build().unwrap();
+    let pool = quiet(4, 2).build().unwrap();
     let mut a = pool.local_cache_with(4);
     let mut b = pool.local_cache_with(2);
     let check = |a: &pagepool::LocalCache<'_>, b: &pagepool::LocalCache<'_>, step: &str| {

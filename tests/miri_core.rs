@@ -13,6 +13,10 @@ use std::ptr::NonNull;
 
 use pagepool::{Backing, Block, FreeError, HintMode, PagePool, PoolBuilder, block_size};
 
+mod common;
+
+use common::{assert_balanced, assert_whole_chunks};
+
 /// Chunks of order 3 (32 KiB): four of them make a 128 KiB region.
 const MAX: u8 = 3;
 
@@ -24,28 +28,6 @@ fn builder(chunks: usize) -> PoolBuilder {
         .backing(Backing::Heap)
         .hint_thread(false)
         .hint_min_order(1)
-}
-
-fn balanced(pool: &PagePool) {
-    pool.check_consistency()
-        .unwrap_or_else(|e| panic!("inconsistent: {e}"));
-    let s = pool.stats();
-    assert_eq!(
-        s.free_bytes + s.allocated_bytes + s.in_flight_bytes,
-        s.capacity as u64,
-        "{s}"
-    );
-}
-
-fn whole(pool: &PagePool) {
-    pool.drain_caches();
-    balanced(pool);
-    let s = pool.stats();
-    assert_eq!(
-        s.orders[MAX as usize].free as usize * block_size(MAX),
-        s.capacity,
-        "not coalesced:\n{s}"
-    );
 }
 
 /// Writes every byte of the block (Miri checks each write is in bounds and allowed).
@@ -73,10 +55,10 @@ fn split_merge_every_order() {
         let mut block = pool.alloc(order).unwrap();
         stamp(&mut block, order);
         verify(&block, order);
-        balanced(&pool);
+        assert_balanced(&pool);
         pool.free(block);
     }
-    whole(&pool);
+    assert_whole_chunks(&pool);
 }
 
 #[test]
@@ -95,7 +77,7 @@ fn fill_the_pool_then_free_in_an_odd_order() {
         }
         order = order.wrapping_add(1);
     }
-    balanced(&pool);
+    assert_balanced(&pool);
     assert_eq!(pool.stats().free_bytes, 0);
     let n = blocks.len();
     let mut tagged: Vec<_> = blocks.into_iter().enumerate().collect();
@@ -104,7 +86,7 @@ fn fill_the_pool_then_free_in_an_odd_order() {
         verify(&block, i as u8);
         pool.free(block);
     }
-    whole(&pool);
+    assert_whole_chunks(&pool);
 }
 
 #[test]
@@ -138,7 +120,7 @@ fn raw_frees_and_bad_pointers() {
     assert_eq!(unsafe { pool.free_raw(ptr) }, Ok(1));
     // SAFETY: already freed: refused.
     assert_eq!(unsafe { pool.free_raw(ptr) }, Err(FreeError::AlreadyFree));
-    whole(&pool);
+    assert_whole_chunks(&pool);
 }
 
 #[test]
@@ -156,7 +138,7 @@ fn grow_shrink_and_zeroed() {
         0
     );
     pool.shrink(&mut block, 1);
-    balanced(&pool);
+    assert_balanced(&pool);
     pool.free(block);
     let mut dirty = pool.alloc(2).unwrap();
     stamp(&mut dirty, 1);
@@ -164,7 +146,7 @@ fn grow_shrink_and_zeroed() {
     let zeroed = pool.alloc_zeroed(2).unwrap();
     assert!(zeroed.as_slice().iter().all(|&b| b == 0));
     pool.free(zeroed);
-    whole(&pool);
+    assert_whole_chunks(&pool);
 }
 
 #[test]
@@ -182,10 +164,10 @@ fn hinting_bookkeeping_both_modes() {
         pool.free(b);
         let report = pool.hint_now();
         assert!(report.blocks >= 1, "{report:?}");
-        balanced(&pool);
+        assert_balanced(&pool);
         verify(&a, 3);
         pool.free(a);
-        whole(&pool);
+        assert_whole_chunks(&pool);
         if mode == HintMode::DontNeed {
             // Hinted with DONTNEED (emulated by zeroing on the heap): known zero.
             let z = pool.alloc_zeroed(MAX).unwrap();
@@ -230,13 +212,13 @@ fn deterministic_random_sequence() {
             }
         }
         if step % 16 == 0 {
-            balanced(&pool);
+            assert_balanced(&pool);
         }
     }
     for (block, _) in live {
         pool.free(block);
     }
-    whole(&pool);
+    assert_whole_chunks(&pool);
 }
 
 #[test]
@@ -258,7 +240,7 @@ fn free_from_another_thread() {
         verify(&b, 2);
         pool.free(b);
     });
-    whole(&pool);
+    assert_whole_chunks(&pool);
 }
 
 /// A `LocalCache` hands out, zeroes and takes back blocks, one of them freed into another
@@ -288,6 +270,6 @@ fn local_caches_round_trip() {
     }
     cache.free(zeroed);
     drop(cache);
-    balanced(&pool);
-    whole(&pool);
+    assert_balanced(&pool);
+    assert_whole_chunks(&pool);
 }

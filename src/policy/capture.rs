@@ -1,6 +1,8 @@
-//! Capture: a waiting large request takes blocks as concurrent frees coalesce them.
+//! Layer 3, policy: capture. A waiting large request takes blocks as concurrent frees
+//! coalesce them.
 //!
-//! Seed 001 (Whitcroft, 2008) and Linux's `capture_control` (Gorman, 2019): when a large
+//! Whitcroft's capture of pages freed during direct reclaim (2008) and Linux's
+//! `capture_control` (Gorman, 2019): when a large
 //! request cannot be served, the pieces that frees are coalescing for it would otherwise be
 //! eaten by concurrent small allocations before they ever merge. So the request registers
 //! here and parks; every free whose merging reaches its order hands the block over instead
@@ -28,12 +30,15 @@
 //!    ends its reservation; a region completed in between finds no request and is freed.
 //!
 //! Lock order: shard, then queue, then request. The free path's cost when nobody waits is
-//! one relaxed load of `waiting`.
+//! one relaxed load of `waiting`, which the shard reads through its `Env`.
+//!
+//! May call: `shard` (the [`Handoff`] trait it defines), `frame_table`, `sync`.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use crate::frame_table::FrameIdx;
+use crate::shard::Handoff;
 use crate::sync::{Arc, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// One waiting request.
@@ -120,7 +125,7 @@ impl CaptureRegistry {
     /// it and woken; the caller frees the rest. Returns the order handed over.
     ///
     /// Called with the lock of the shard that owns `idx` held.
-    pub(crate) fn offer(&self, idx: FrameIdx, order: u8, claim: impl FnOnce(u8)) -> Option<u8> {
+    pub(crate) fn offer(&self, idx: FrameIdx, order: u8, claim: &mut dyn FnMut(u8)) -> Option<u8> {
         let mut queue = self.queue.lock();
         let pos = queue.iter().position(|r| r.order <= order)?;
         let wanted = queue[pos].order;
@@ -132,7 +137,7 @@ impl CaptureRegistry {
     /// Hands the block at `idx`, of the request's order, to the request `ticket` if it
     /// still waits, after `claim` marks it allocated. Called with the lock of the shard
     /// that owns `idx` held.
-    pub(crate) fn offer_to(&self, ticket: u64, idx: FrameIdx, claim: impl FnOnce()) -> bool {
+    pub(crate) fn offer_to(&self, ticket: u64, idx: FrameIdx, claim: &mut dyn FnMut()) -> bool {
         let mut queue = self.queue.lock();
         let Some(pos) = queue.iter().position(|r| r.ticket == ticket) else {
             return false;
@@ -193,5 +198,20 @@ impl CaptureRegistry {
     /// Requests waiting right now.
     pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// The count of waiting requests itself, for the shards' `Env`.
+    pub(crate) fn waiting_counter(&self) -> &AtomicUsize {
+        &self.waiting
+    }
+}
+
+impl Handoff for CaptureRegistry {
+    fn offer(&self, idx: FrameIdx, order: u8, claim: &mut dyn FnMut(u8)) -> Option<u8> {
+        CaptureRegistry::offer(self, idx, order, claim)
+    }
+
+    fn offer_reserved(&self, ticket: u64, idx: FrameIdx, claim: &mut dyn FnMut()) -> bool {
+        self.offer_to(ticket, idx, claim)
     }
 }

@@ -29,7 +29,8 @@ use std::ptr::{self, NonNull};
 use allocator_api2::alloc::{AllocError, Allocator};
 
 use crate::frame_table::FreeClass;
-use crate::pool::{PagePool, PoolCore};
+use crate::front::page_pool::PagePool;
+use crate::pool::PoolCore;
 use crate::{PoolAlloc, block_size, order_for};
 
 /// A dangling pointer aligned for `layout`, as an empty slice.

@@ -1,34 +1,49 @@
-//! One shard: a buddy allocator over the chunks it owns.
+//! Layer 2: one shard, a buddy allocator over the chunks it owns.
 //!
 //! A shard keeps, under one lock:
 //! - per order and [`FreeClass`], a doubly linked list of free blocks threaded through the
 //!   frame table, plus a bitmask per class of which orders have a non-empty list, so
 //!   finding the smallest fitting block is one `trailing_zeros`;
-//! - per order below the maximum, a small cache of freed blocks that are not merged (Linux's
-//!   per-CPU lists, which since 5.13 also cover the THP order): a free followed by an
-//!   allocation of the same size touches one list head instead of merging and splitting;
+//! - per order below the maximum, a small cache of freed blocks that are not merged
+//!   ([`cache`]: Linux's per-CPU lists, which since 5.13 also cover the THP order);
 //! - for the shared shard only, the range of chunks never handed out ("fresh"), whose frame
 //!   entries have never been written;
-//! - the regions reserved for waiting capture requests, and per order one more list that
-//!   holds the free pieces inside them, out of reach of allocation (see [`reservation`]).
+//! - reserved regions, and per order one more list that holds the free pieces inside them,
+//!   out of reach of allocation ([`reservation`]);
+//! - isolated blocks, taken off the lists while someone works on them outside the lock
+//!   ([`isolate`]).
 //!
 //! Unhinted blocks go to the head of their list and are taken from the head (hot first);
-//! hinted and zero blocks go to the tail. The hinter takes cold blocks from the tail of the
+//! hinted and zero blocks go to the tail. Isolation takes cold blocks from the tail of the
 //! unhinted lists. Under [`AllocPolicy::Fifo`] every class shares one queue per order.
+//! Counters live beside the lock, one [`OrderCounters`] per order ([`counters`]).
 //!
-//! Counters live beside the lock, one [`OrderCounters`] per order. Only the lock holder
-//! writes them (a relaxed load and a release store, no read-modify-write), and anyone
-//! reads them without the lock.
+//! # What the shard knows
+//! Buddy lists and counters only. It knows nothing of hinting or capture: a free that
+//! merges into a block of at least [`Env::handoff_min_order`] while [`Env::waiting`] is
+//! non-zero is offered to the layer above through the [`Handoff`] trait this module
+//! defines, and a free that lists an unhinted block at or above the hint order is
+//! reported by [`Locked::take_listed_hintable`], for the layer above to act on after
+//! unlocking.
+//!
+//! Layer 2. May call: `frame_table`, `config`, `error`, `sync`.
 
-use crate::capture::CaptureRegistry;
 use crate::config::AllocPolicy;
 use crate::error::FreeError;
 use crate::frame_table::{CLASSES, FrameIdx, FrameState, FrameTable, FreeClass, NIL, Owner};
-use crate::hint::HintSignal;
-use crate::sync::{AtomicU64, Mutex, MutexGuard, Ordering};
+use crate::sync::{AtomicUsize, Mutex, MutexGuard, Ordering};
 
+mod audit;
+mod cache;
+mod counters;
+mod isolate;
 mod reservation;
+mod resize;
 
+pub(crate) use audit::AuditCounts;
+pub(crate) use counters::OrderCounters;
+use counters::{DEC, bump};
+pub(crate) use isolate::Isolation;
 use reservation::Reservations;
 
 /// Orders with list heads: 0..=MAX_SUPPORTED_ORDER (smaller under loom, to keep models small).
@@ -46,77 +61,6 @@ pub(crate) const PREFER_RESIDENT: [FreeClass; CLASSES] =
 /// Allocation preference for `alloc_zeroed`: a known-zero block needs no memset.
 pub(crate) const PREFER_ZERO: [FreeClass; CLASSES] =
     [FreeClass::Zero, FreeClass::Unhinted, FreeClass::Hinted];
-
-// === impl OrderCounters ===
-
-/// Lock-free counters of one order in one shard.
-///
-/// `freed` and `bound` are monotonic, as in the seed: `freed` counts blocks that entered
-/// this order's free lists or cache, `bound` those that left (allocated, split, merged,
-/// isolated). Their difference is the free count, and a reader holding an older `freed`
-/// knows how many blocks were freed since. The rest are gauges.
-#[derive(Default)]
-pub(crate) struct OrderCounters {
-    pub(crate) freed: AtomicU64,
-    pub(crate) bound: AtomicU64,
-    /// Free blocks that are hinted.
-    pub(crate) hinted: AtomicU64,
-    /// Free blocks known to be zero.
-    pub(crate) zero: AtomicU64,
-    /// Free blocks in the small-block cache (counted in `freed - bound` too).
-    pub(crate) cached: AtomicU64,
-    /// Blocks handed out.
-    pub(crate) allocated: AtomicU64,
-    /// Blocks isolated by the hinter.
-    pub(crate) in_flight: AtomicU64,
-}
-
-/// Adds `delta` (wrapping, so `u64::MAX` subtracts one). Only the shard's lock holder
-/// writes, so a load and a store replace a locked read-modify-write.
-#[inline]
-fn bump(counter: &AtomicU64, delta: u64) {
-    counter.store(
-        counter.load(Ordering::Relaxed).wrapping_add(delta),
-        Ordering::Release,
-    );
-}
-
-const DEC: u64 = u64::MAX;
-
-impl OrderCounters {
-    fn entered(&self, class: FreeClass) {
-        bump(&self.freed, 1);
-        match class {
-            FreeClass::Unhinted => {}
-            FreeClass::Hinted => bump(&self.hinted, 1),
-            FreeClass::Zero => bump(&self.zero, 1),
-        }
-    }
-
-    fn left(&self, class: FreeClass) {
-        match class {
-            FreeClass::Unhinted => {}
-            FreeClass::Hinted => bump(&self.hinted, DEC),
-            FreeClass::Zero => bump(&self.zero, DEC),
-        }
-        bump(&self.bound, 1);
-    }
-
-    /// A consistent-enough free count: `bound` is read first, and `freed` never trails it.
-    pub(crate) fn free(&self) -> u64 {
-        let bound = self.bound.load(Ordering::Acquire);
-        let freed = self.freed.load(Ordering::Acquire);
-        freed.saturating_sub(bound)
-    }
-
-    /// Free blocks that are resident and neither cached nor hinted nor zero.
-    pub(crate) fn unhinted(&self) -> u64 {
-        let other = self.hinted.load(Ordering::Acquire)
-            + self.zero.load(Ordering::Acquire)
-            + self.cached.load(Ordering::Acquire);
-        self.free().saturating_sub(other)
-    }
-}
 
 // === impl Shard ===
 
@@ -151,6 +95,8 @@ struct Lists {
     fresh_end: u32,
     /// Regions whose free pieces wait on the [`RESERVED`] list for a capture request.
     reservations: Reservations,
+    /// An unhinted block at or above the hint order was listed and not yet reported.
+    listed_hintable: bool,
 }
 
 /// One buddy allocator. See the module docs.
@@ -165,8 +111,14 @@ pub(crate) struct Shard {
 pub(crate) struct Env<'a> {
     pub(crate) table: &'a FrameTable,
     pub(crate) shared: &'a Shard,
-    pub(crate) capture: &'a CaptureRegistry,
-    pub(crate) hint: &'a HintSignal,
+    /// Requests waiting for a block (kept by the layer above). While it is non-zero, frees
+    /// skip the cache and offer merged blocks through `handoff`; when it is zero the free
+    /// path pays one relaxed load for the whole mechanism.
+    pub(crate) waiting: &'a AtomicUsize,
+    /// Smallest order a waiting request may want.
+    pub(crate) handoff_min_order: u8,
+    /// Takes merged blocks for waiting requests.
+    pub(crate) handoff: &'a dyn Handoff,
     pub(crate) policy: AllocPolicy,
     pub(crate) max_order: u8,
     pub(crate) hint_min_order: u8,
@@ -190,6 +142,7 @@ impl Shard {
                 fresh_next: 0,
                 fresh_end: fresh_chunks,
                 reservations: Reservations::default(),
+                listed_hintable: false,
             }),
             counters: std::array::from_fn(|_| OrderCounters::default()),
         };
@@ -236,19 +189,36 @@ pub(crate) struct Locked<'a> {
     env: &'a Env<'a>,
 }
 
-/// Why the hinter should come back later.
-#[derive(Debug, Default, Clone, Copy)]
-pub(crate) struct Isolation {
-    /// Blocks taken.
-    pub(crate) blocks: usize,
-    /// Milliseconds until the next candidate turns cold, if some were too warm.
-    pub(crate) next_cold_in: Option<u32>,
+/// How a shard hands merged free blocks to requests waiting for them (capture). Defined
+/// here, implemented by the layer above, called with the shard lock held.
+pub(crate) trait Handoff: Sync {
+    /// Offers the free block `(idx, order)`. If a waiting request fits, `claim(wanted)`
+    /// marks the block's lower part of order `wanted` allocated, the request gets it, and
+    /// `Some(wanted)` tells the shard to place the rest.
+    fn offer(&self, idx: FrameIdx, order: u8, claim: &mut dyn FnMut(u8)) -> Option<u8>;
+    /// Hands the block `(idx, order of the request)`, a reserved region that just became
+    /// whole, to the request `ticket` if it still waits, after `claim` marks it allocated.
+    fn offer_reserved(&self, ticket: u64, idx: FrameIdx, claim: &mut dyn FnMut()) -> bool;
 }
 
 impl<'a> Locked<'a> {
     #[inline]
     fn counters(&self, order: u8) -> &'a OrderCounters {
         &self.shard.counters[order as usize]
+    }
+
+    /// Whether an unhinted block at or above the hint order was listed (by a free, a merge,
+    /// a failed isolation coming back) since the last call: the layer above may want to
+    /// hint it once it is cold. Clears the report.
+    #[inline]
+    pub(crate) fn take_listed_hintable(&mut self) -> bool {
+        std::mem::take(&mut self.lists.listed_hintable)
+    }
+
+    /// The shard this lock belongs to.
+    #[inline]
+    pub(crate) fn shard(&self) -> &'a Shard {
+        self.shard
     }
 
     #[inline]
@@ -489,45 +459,6 @@ impl<'a> Locked<'a> {
         true
     }
 
-    // --- the small-block cache ---------------------------------------------------------
-
-    #[inline]
-    fn cache_pop(&mut self, order: u8) -> Option<FrameIdx> {
-        let o = order as usize;
-        if self.lists.cache_head[o] == NIL {
-            return None;
-        }
-        let idx = FrameIdx(self.lists.cache_head[o]);
-        self.lists.cache_head[o] = self.env.table.frame(idx).next();
-        self.lists.cache_len[o] -= 1;
-        let c = self.counters(order);
-        bump(&c.cached, DEC);
-        bump(&c.bound, 1);
-        Some(idx)
-    }
-
-    fn cache_push(&mut self, idx: FrameIdx, order: u8) {
-        let o = order as usize;
-        let frame = self.env.table.frame(idx);
-        frame.set(FrameState::Cached, order);
-        frame.set_next(self.lists.cache_head[o]);
-        self.lists.cache_head[o] = idx.0;
-        self.lists.cache_len[o] += 1;
-        let c = self.counters(order);
-        bump(&c.freed, 1);
-        bump(&c.cached, 1);
-    }
-
-    /// Merges cached blocks back into the buddy lists: `keep` per order stay cached.
-    pub(crate) fn drain_cache(&mut self, keep: u32) {
-        for order in 0..self.env.max_order {
-            while self.lists.cache_len[order as usize] > keep {
-                let idx = self.cache_pop(order).expect("cache length says non-empty");
-                self.insert_free(idx, order, FreeClass::Unhinted);
-            }
-        }
-    }
-
     // --- free --------------------------------------------------------------------------
 
     /// Checks that `idx` is the head of an allocated block and returns its order.
@@ -545,7 +476,7 @@ impl<'a> Locked<'a> {
         bump(&self.counters(order).allocated, DEC);
         let o = order as usize;
         // The one extra cost of capture when nobody waits: a relaxed load.
-        let capture_waiting = self.env.capture.has_waiters();
+        let capture_waiting = self.env.waiting.load(Ordering::Relaxed) != 0;
         let limit = self.env.cache_limits[o];
         // The shared pool has no cache: nothing would drain it (it holds a block smaller than
         // a chunk only when capture took part of a chunk returning from the hinter).
@@ -558,40 +489,6 @@ impl<'a> Locked<'a> {
             return;
         }
         self.insert_free(idx, order, FreeClass::Unhinted);
-    }
-
-    fn drain_cache_order(&mut self, order: u8, keep: u32) {
-        // The list is LIFO: skip the `keep` hottest and merge the rest.
-        let table = self.env.table;
-        let o = order as usize;
-        let mut cursor = self.lists.cache_head[o];
-        for _ in 1..keep {
-            if cursor == NIL {
-                return;
-            }
-            cursor = table.frame(FrameIdx(cursor)).next();
-        }
-        if cursor == NIL {
-            return;
-        }
-        let mut rest = if keep == 0 {
-            let all = self.lists.cache_head[o];
-            self.lists.cache_head[o] = NIL;
-            all
-        } else {
-            let rest = table.frame(FrameIdx(cursor)).next();
-            table.frame(FrameIdx(cursor)).set_next(NIL);
-            rest
-        };
-        while rest != NIL {
-            let idx = FrameIdx(rest);
-            rest = table.frame(idx).next();
-            self.lists.cache_len[o] -= 1;
-            let c = self.counters(order);
-            bump(&c.cached, DEC);
-            bump(&c.bound, 1);
-            self.insert_free(idx, order, FreeClass::Unhinted);
-        }
     }
 
     /// Puts a free block into the buddy lists, merging it with free buddies first.
@@ -628,18 +525,20 @@ impl<'a> Locked<'a> {
         // if that one still waits. Either hand-off marks the block allocated before the
         // waiter can see it (see `capture`'s protocol); `carve` then places the rest.
         if let Some(region) = self.lists.reservations.take_within(idx, order)
-            && env.capture.offer_to(region.ticket, region.start, || {
-                self.mark_allocated(region.start, region.order)
-            })
+            && env
+                .handoff
+                .offer_reserved(region.ticket, region.start, &mut || {
+                    self.mark_allocated(region.start, region.order)
+                })
         {
             self.carve(idx, order, region.start, region.order, class);
             return;
         }
-        if order >= env.capture.min_order()
-            && env.capture.has_waiters()
+        if order >= env.handoff_min_order
+            && env.waiting.load(Ordering::Relaxed) != 0
             && let Some(wanted) = env
-                .capture
-                .offer(idx, order, |wanted| self.mark_allocated(idx, wanted))
+                .handoff
+                .offer(idx, order, &mut |wanted| self.mark_allocated(idx, wanted))
         {
             self.carve(idx, order, idx, wanted, class);
             return;
@@ -649,12 +548,7 @@ impl<'a> Locked<'a> {
             env.table.frame(idx).set_since(crate::sync::now_ms());
         }
         self.push(idx, order, class);
-        if hintable && env.hint.listening() {
-            let unhinted = self
-                .shard
-                .unhinted_at_or_above(env.hint_min_order, env.max_order);
-            env.hint.note_unhinted(unhinted);
-        }
+        self.lists.listed_hintable |= hintable;
         if order == env.max_order && self.shard.id != ShardId::Shared {
             let whole = self.counters(order).free();
             if whole > env.keep_chunks as u64 {
@@ -698,266 +592,4 @@ impl<'a> Locked<'a> {
         env.table.set_owner(idx.chunk(max), Owner::Shared);
         shared.push(idx, max, class);
     }
-
-    // --- in-place resize ---------------------------------------------------------------
-
-    /// Grows the allocated block `(idx, from)` to order `to` by absorbing its free upper
-    /// buddies. Fails, changing nothing, unless every one is a whole free block.
-    pub(crate) fn grow(&mut self, idx: FrameIdx, from: u8, to: u8) -> bool {
-        if to > self.env.max_order || idx.0 & ((1 << to) - 1) != 0 {
-            return false;
-        }
-        let table = self.env.table;
-        let whole_free = |order: u8| {
-            let (state, o) = table.frame(idx.buddy(order)).get();
-            o == order && state.free_class().is_some()
-        };
-        if !(from..to).all(whole_free) {
-            // A buddy that starts with a cached piece may be whole once the cache merges.
-            let cached =
-                (from..to).any(|o| table.frame(idx.buddy(o)).state() == FrameState::Cached);
-            if !cached {
-                return false;
-            }
-            self.drain_cache(0);
-            if !(from..to).all(whole_free) {
-                return false;
-            }
-        }
-        for order in from..to {
-            let buddy = idx.buddy(order);
-            let class = table
-                .frame(buddy)
-                .state()
-                .free_class()
-                .expect("checked free");
-            self.unlink(buddy, order, class);
-            table.frame(buddy).set(FrameState::Interior, 0);
-        }
-        bump(&self.counters(from).allocated, DEC);
-        self.mark_allocated(idx, to);
-        true
-    }
-
-    /// Shrinks the allocated block `(idx, from)` to order `to`, freeing the upper parts.
-    pub(crate) fn shrink(&mut self, idx: FrameIdx, from: u8, to: u8) {
-        debug_assert!(to <= from);
-        bump(&self.counters(from).allocated, DEC);
-        self.mark_allocated(idx, to);
-        for order in (to..from).rev() {
-            self.insert_free(idx.plus(1 << order), order, FreeClass::Unhinted);
-        }
-    }
-
-    // --- hinting -------------------------------------------------------------------------
-
-    /// Takes cold unhinted blocks at or above `min_order` off the lists, marks them
-    /// isolated and appends them to `out`, until `out` holds `max_blocks` or
-    /// `budget_frames` is spent. `cold_ms = None` takes every candidate.
-    pub(crate) fn isolate(
-        &mut self,
-        min_order: u8,
-        cold_ms: Option<u32>,
-        max_blocks: usize,
-        budget_frames: &mut u64,
-        out: &mut Vec<(FrameIdx, u8)>,
-    ) -> Isolation {
-        let table = self.env.table;
-        let now = crate::sync::now_ms();
-        let mut result = Isolation::default();
-        let list = self.list(FreeClass::Unhinted);
-        let fifo = self.env.policy == AllocPolicy::Fifo;
-        for order in (min_order..=self.env.max_order).rev() {
-            // Oldest first: from the tail of a LIFO list, from the head of a FIFO one.
-            let mut cursor = if fifo {
-                self.lists.head[order as usize][list]
-            } else {
-                self.lists.tail[order as usize][list]
-            };
-            while cursor != NIL {
-                if out.len() >= max_blocks || *budget_frames < 1 << order {
-                    return result;
-                }
-                let idx = FrameIdx(cursor);
-                let frame = table.frame(idx);
-                cursor = if fifo { frame.next() } else { frame.prev() };
-                if frame.state() != FrameState::Unhinted {
-                    continue; // FIFO lists mix classes
-                }
-                if let Some(cold) = cold_ms {
-                    let age = now.wrapping_sub(frame.since());
-                    if age < cold {
-                        let wait = cold - age;
-                        result.next_cold_in =
-                            Some(result.next_cold_in.map_or(wait, |w| w.min(wait)));
-                        if fifo {
-                            continue;
-                        }
-                        break; // the rest of a LIFO list is warmer still
-                    }
-                }
-                self.unlink(idx, order, FreeClass::Unhinted);
-                frame.set(FrameState::Isolated, order);
-                bump(&self.counters(order).in_flight, 1);
-                *budget_frames -= 1 << order;
-                out.push((idx, order));
-                result.blocks += 1;
-            }
-        }
-        result
-    }
-
-    /// Returns an isolated block: as `class` if the advice took, else as unhinted (and
-    /// warm again, so a failing range is retried only after another delay).
-    pub(crate) fn return_isolated(&mut self, idx: FrameIdx, order: u8, class: Option<FreeClass>) {
-        let frame = self.env.table.frame(idx);
-        debug_assert_eq!(frame.get(), (FrameState::Isolated, order));
-        bump(&self.counters(order).in_flight, DEC);
-        let class = class.unwrap_or(FreeClass::Unhinted);
-        if class == FreeClass::Unhinted {
-            frame.set_since(crate::sync::now_ms());
-        }
-        self.insert_free(idx, order, class);
-    }
-
-    // --- auditing ------------------------------------------------------------------------
-
-    /// Walks this shard's lists and checks them against the frame table and counters.
-    /// Adds what it saw to `seen` (free, cached, per order and class).
-    pub(crate) fn audit(&self, seen: &mut AuditCounts) -> Result<(), String> {
-        let env = self.env;
-        let table = env.table;
-        let me = self.shard.id;
-        let lists: &Lists = &self.lists;
-        let mut counts = AuditCounts::default();
-        for order in 0..=env.max_order {
-            let o = order as usize;
-            for list in 0..LISTS {
-                let mut prev = NIL;
-                let mut cursor = lists.head[o][list];
-                if (cursor == NIL) == (lists.nonempty[list] & 1 << order != 0) {
-                    return Err(format!(
-                        "{me:?}: nonempty bit of order {order} list {list} is wrong"
-                    ));
-                }
-                let mut steps = 0u64;
-                while cursor != NIL {
-                    let idx = FrameIdx(cursor);
-                    let frame = table.frame(idx);
-                    let (state, fo) = frame.get();
-                    let class = state.free_class().ok_or_else(|| {
-                        format!("{me:?}: frame {cursor} on a free list is {state:?}")
-                    })?;
-                    if fo != order {
-                        return Err(format!(
-                            "{me:?}: frame {cursor} of order {fo} on list of order {order}"
-                        ));
-                    }
-                    if self.list_of(idx, order, class) != list {
-                        return Err(format!("{me:?}: {class:?} frame {cursor} on list {list}"));
-                    }
-                    if frame.prev() != prev {
-                        return Err(format!("{me:?}: broken prev link at frame {cursor}"));
-                    }
-                    if idx.0 & ((1 << order) - 1) != 0 {
-                        return Err(format!(
-                            "{me:?}: frame {cursor} misaligned for order {order}"
-                        ));
-                    }
-                    if table.owner(idx.chunk(env.max_order)) != me.owner() {
-                        return Err(format!(
-                            "{me:?}: frame {cursor} lies in a chunk owned by another shard"
-                        ));
-                    }
-                    counts.free[o][class as usize] += 1;
-                    prev = cursor;
-                    cursor = frame.next();
-                    steps += 1;
-                    if steps > table.len() as u64 {
-                        return Err(format!("{me:?}: cycle in list of order {order}"));
-                    }
-                }
-                if lists.tail[o][list] != prev {
-                    return Err(format!(
-                        "{me:?}: tail of order {order} list {list} is wrong"
-                    ));
-                }
-            }
-            {
-                let mut cursor = lists.cache_head[o];
-                let mut len = 0;
-                while cursor != NIL {
-                    let (state, fo) = table.frame(FrameIdx(cursor)).get();
-                    if state != FrameState::Cached || fo != order {
-                        return Err(format!(
-                            "{me:?}: cached frame {cursor} is {state:?} order {fo}"
-                        ));
-                    }
-                    len += 1;
-                    cursor = table.frame(FrameIdx(cursor)).next();
-                    if len > table.len() {
-                        return Err(format!("{me:?}: cycle in cache of order {order}"));
-                    }
-                }
-                if len != lists.cache_len[o] {
-                    return Err(format!(
-                        "{me:?}: cache length of order {order} is {} but {len} listed",
-                        lists.cache_len[o]
-                    ));
-                }
-                counts.cached[o] = len as u64;
-            }
-        }
-        // Fresh chunks count as free zero blocks of the top order.
-        counts.free[env.max_order as usize][FreeClass::Zero as usize] +=
-            (lists.fresh_end - lists.fresh_next) as u64;
-        for order in 0..=env.max_order as usize {
-            let c = &self.shard.counters[order];
-            let listed: u64 = counts.free[order].iter().sum::<u64>() + counts.cached[order];
-            let check = |what: &str, counter: u64, walked: u64| {
-                if counter == walked {
-                    Ok(())
-                } else {
-                    Err(format!(
-                        "{me:?}: order {order} {what} counter says {counter}, lists hold {walked}"
-                    ))
-                }
-            };
-            check("free", c.free(), listed)?;
-            check(
-                "hinted",
-                c.hinted.load(Ordering::Acquire),
-                counts.free[order][FreeClass::Hinted as usize],
-            )?;
-            check(
-                "zero",
-                c.zero.load(Ordering::Acquire),
-                counts.free[order][FreeClass::Zero as usize],
-            )?;
-            check(
-                "cached",
-                c.cached.load(Ordering::Acquire),
-                counts.cached[order],
-            )?;
-            for class in 0..CLASSES {
-                seen.free[order][class] += counts.free[order][class];
-            }
-            seen.cached[order] += counts.cached[order];
-        }
-        self.audit_reservations()?;
-        seen.fresh_chunks += (lists.fresh_end - lists.fresh_next) as u64;
-        if me == ShardId::Shared {
-            seen.first_fresh_chunk = lists.fresh_next;
-        }
-        Ok(())
-    }
-}
-
-/// Block counts gathered by [`Locked::audit`].
-#[derive(Default)]
-pub(crate) struct AuditCounts {
-    pub(crate) free: [[u64; CLASSES]; ORDERS],
-    pub(crate) cached: [u64; ORDERS],
-    pub(crate) fresh_chunks: u64,
-    pub(crate) first_fresh_chunk: u32,
 }

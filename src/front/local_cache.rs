@@ -1,18 +1,11 @@
-//! A caller-owned cache of free blocks: allocation and free without a lock.
-//!
-//! Every [`PagePool::alloc`] and [`PagePool::free`] takes a shard lock: two atomic
-//! read-modify-writes each, most of the cost of a repeated allocation. Linux keeps per-CPU
-//! page lists for the same reason, and allocators like jemalloc keep per-thread caches. A
-//! [`LocalCache`] is that cache, owned by one worker (a thread, a task, a JIT compiler
-//! instance): it keeps a few blocks of each order it has seen, hands them out and takes them
-//! back with plain loads and stores, and goes to the pool only in batches.
+//! [`LocalCache`]: a caller-owned cache of free blocks, with no lock on its fast path.
 //!
 //! # Protocol
 //! - Blocks in a cache are *allocated* as far as the shards know: no shard merges them,
 //!   and `stats()` counts them in `allocated_bytes` and, separately, `local_cache_bytes`.
-//! - Their frame entries say [`FrameState::LocalCached`], written by the owner without a
-//!   lock. Nobody else writes the entry of a block that is not free, and readers under a
-//!   shard lock treat both `Allocated` and `LocalCached` as "not free", so either value
+//! - Their frame entries say "held by a local cache", written by the owner without a lock.
+//!   Nobody else writes the entry of a block that is not free, and readers under a shard
+//!   lock treat both "allocated" and "held by a local cache" as "not free", so either value
 //!   is right for them. A raw free of a cached block therefore fails with `AlreadyFree`.
 //! - The borrow of the pool makes the pool outlive the cache; dropping the cache returns
 //!   every block. A cache that is leaked (`mem::forget`) leaks its blocks, like any block.
@@ -20,13 +13,22 @@
 
 use crate::error::AllocError;
 use crate::frame_table::{FrameIdx, FrameState};
-use crate::pool::{Block, PagePool};
+use crate::front::block::Block;
+use crate::front::page_pool::PagePool;
 use crate::sync::{Arc, AtomicU64, Ordering};
 
 /// Blocks kept per order unless [`PagePool::local_cache_with`] says otherwise.
 pub const DEFAULT_LOCAL_CACHE_BLOCKS: u32 = 16;
 
-/// A cache of free blocks owned by one worker; see the [module docs](self) for why.
+/// A cache of free blocks owned by one worker (a thread, a task, a JIT compiler instance).
+///
+/// Every [`PagePool::alloc`] and [`PagePool::free`] takes a shard lock: two atomic
+/// read-modify-writes each, most of the cost of a repeated allocation. Linux keeps per-CPU
+/// page lists for the same reason, and allocators like jemalloc keep per-thread caches. A
+/// `LocalCache` keeps a few blocks of each order it has seen, hands them out and takes them
+/// back with plain loads and stores, and goes to the pool only in batches. Its blocks count
+/// as allocated in [`PagePool::stats`] (and, separately, as `local_cache_bytes`), and other
+/// threads cannot use them until the cache is flushed or dropped.
 ///
 /// Up to `blocks` blocks per order are kept for orders up to 3 (the kernel's costly order),
 /// half as many for each order above, at least one. An empty order takes half its limit
@@ -85,7 +87,7 @@ impl PagePool {
             })
             .collect();
         let held = Arc::new(AtomicU64::new(0));
-        self.core().local_caches.lock().push(held.clone());
+        self.local_caches.lock().push(held.clone());
         LocalCache {
             pool: self,
             stacks,
@@ -120,7 +122,7 @@ impl LocalCache<'_> {
             // The pool hands the refill's first block out already marked allocated.
             None => self.refill(order)?,
         };
-        Ok(core.block_at(idx, order))
+        Ok(self.pool.block_at(idx, order))
     }
 
     /// Allocates a zeroed block. Cached blocks are not known to be zero, so this zeroes.
@@ -225,7 +227,7 @@ impl LocalCache<'_> {
 impl Drop for LocalCache<'_> {
     fn drop(&mut self) {
         self.flush();
-        let mut caches = self.pool.core().local_caches.lock();
+        let mut caches = self.pool.local_caches.lock();
         if let Some(at) = caches.iter().position(|held| Arc::ptr_eq(held, &self.held)) {
             caches.swap_remove(at);
         }

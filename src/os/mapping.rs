@@ -14,7 +14,16 @@ use std::alloc::Layout;
 use std::io;
 use std::ptr::NonNull;
 
-use crate::config::Backing;
+/// Where the pool's memory comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// One private anonymous `mmap` reserved with `MAP_NORESERVE`: nothing is committed
+    /// until a block is touched, and hinting gives memory back with `madvise`.
+    Mmap,
+    /// A zeroed allocation from the Rust heap. Hinting is bookkeeping only (no `madvise`).
+    /// Meant for tests, Miri and loom, which cannot model `mmap`.
+    Heap,
+}
 
 // === impl Region ===
 

@@ -1,9 +1,10 @@
-//! Statistics: a snapshot of the lock-free counters, printable as a table.
+//! Statistics: a snapshot of the lock-free counters, printable as a table. Read without
+//! locks; the front ends add what their caches hold.
 
 use std::fmt;
 
+use super::PoolCore;
 use crate::FRAME_SIZE;
-use crate::pool::PoolCore;
 use crate::sync::Ordering::{Acquire, Relaxed};
 
 /// Counts for one order, summed over all shards and the shared pool.
@@ -166,13 +167,6 @@ impl Stats {
         ] {
             *total = (*total).min(cap);
         }
-        let cached_frames: u64 = core
-            .local_caches
-            .lock()
-            .iter()
-            .map(|held| held.load(Relaxed))
-            .sum();
-        stats.local_cache_bytes = (cached_frames << crate::FRAME_SHIFT).min(stats.allocated_bytes);
         let h = &core.hint_counters;
         stats.hint = HintStats {
             passes: h.passes.load(Relaxed),

@@ -1,0 +1,430 @@
+//! [`PagePool`]: the public face of the pool.
+
+use std::ptr::NonNull;
+use std::time::Duration;
+
+use crate::config::PoolBuilder;
+use crate::error::{AllocError, BuildError, FreeError};
+use crate::frame_table::{FrameIdx, FreeClass};
+use crate::front::block::Block;
+use crate::policy::hint;
+use crate::pool::{PoolCore, Stats};
+use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
+
+/// A sharded, concurrent page pool. See the [crate docs](crate) for the design.
+///
+/// # Example
+/// ```
+/// let pool = pagepool::PagePool::builder().capacity(64 << 20).build()?;
+/// let mut block = pool.alloc(2)?; // 16 KiB
+/// block.as_mut_slice()[0] = 42;
+/// assert_eq!(block.len(), 16 << 10);
+/// pool.free(block);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
+pub struct PagePool {
+    core: Arc<PoolCore>,
+    hinter: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Each live `LocalCache`'s count of the frames it holds (counted as allocated by the
+    /// shards), for `stats()`.
+    pub(crate) local_caches: Mutex<Vec<Arc<AtomicU64>>>,
+}
+
+impl std::fmt::Debug for PagePool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PagePool")
+            .field("capacity", &self.capacity())
+            .field("max_order", &self.max_order())
+            .field("shards", &self.shard_count())
+            .finish_non_exhaustive()
+    }
+}
+
+impl PagePool {
+    /// A builder with the default configuration.
+    pub const fn builder() -> PoolBuilder {
+        PoolBuilder::new()
+    }
+
+    /// A pool with the default configuration: capacity equal to physical memory (reserved,
+    /// not committed), 4 MiB chunks, one shard per CPU, hinter thread on.
+    pub fn new() -> Result<Self, BuildError> {
+        PoolBuilder::new().build()
+    }
+
+    pub(crate) fn from_builder(config: &PoolBuilder) -> Result<Self, BuildError> {
+        let pool = Self {
+            core: Arc::new(PoolCore::new(config)?),
+            hinter: Mutex::new(None),
+            local_caches: Mutex::new(Vec::new()),
+        };
+        if config.hint.thread {
+            pool.start_hinter().map_err(BuildError::SpawnHinter)?;
+        }
+        Ok(pool)
+    }
+
+    #[inline]
+    pub(crate) fn core(&self) -> &PoolCore {
+        &self.core
+    }
+
+    /// Bytes of block memory.
+    pub fn capacity(&self) -> usize {
+        self.core.resolved.capacity
+    }
+
+    /// The largest order.
+    pub fn max_order(&self) -> u8 {
+        self.core.max_order()
+    }
+
+    /// Number of per-CPU shards.
+    pub fn shard_count(&self) -> usize {
+        self.core.shard_count()
+    }
+
+    /// Whether `ptr` points into this pool's region.
+    pub fn contains(&self, ptr: *const u8) -> bool {
+        self.core.contains(ptr)
+    }
+
+    /// Allocates a block of `4 KiB << order` bytes.
+    ///
+    /// # Errors
+    /// [`AllocError::OrderTooLarge`] above the maximum order; [`AllocError::Exhausted`]
+    /// when no shard holds a free block of this order or larger outside the regions
+    /// reserved by waiting [`alloc_wait`](Self::alloc_wait) requests.
+    #[inline]
+    pub fn alloc(&self, order: u8) -> Result<Block, AllocError> {
+        self.alloc_block(order, false, None)
+    }
+
+    /// Allocates a zeroed block, preferring blocks known to be zero (never touched, or
+    /// returned with `MADV_DONTNEED`), which need no `memset`.
+    ///
+    /// # Errors
+    /// As [`alloc`](Self::alloc).
+    pub fn alloc_zeroed(&self, order: u8) -> Result<Block, AllocError> {
+        self.alloc_block(order, true, None)
+    }
+
+    /// Allocates on a given shard (`shard % shard_count()`) instead of the current CPU's.
+    /// Balancing still applies when that shard runs dry.
+    ///
+    /// # Errors
+    /// As [`alloc`](Self::alloc).
+    pub fn alloc_on(&self, shard: usize, order: u8) -> Result<Block, AllocError> {
+        self.alloc_block(order, false, Some(shard))
+    }
+
+    /// Allocates the smallest block that holds `bytes`.
+    ///
+    /// # Errors
+    /// [`AllocError::UnsupportedLayout`] for zero bytes or more than any pool's largest
+    /// block (`block_size(MAX_SUPPORTED_ORDER)`); [`AllocError::OrderTooLarge`] when the
+    /// size needs an order above this pool's maximum; otherwise as [`alloc`](Self::alloc).
+    pub fn alloc_bytes(&self, bytes: usize) -> Result<Block, AllocError> {
+        match crate::order_for(bytes, 1) {
+            Some(order) if bytes > 0 => self.alloc(order),
+            _ => Err(AllocError::UnsupportedLayout {
+                size: bytes,
+                align: 1,
+            }),
+        }
+    }
+
+    /// Frees a block.
+    ///
+    /// # Panics
+    /// If `block` was allocated by another pool. (Its memory is not this pool's to take;
+    /// the panic happens before anything is changed.)
+    #[inline]
+    pub fn free(&self, block: Block) {
+        assert!(
+            block.pool_id() == self.core.id(),
+            "pagepool: Block from pool {} freed to pool {}",
+            block.pool_id(),
+            self.core.id()
+        );
+        let idx = self
+            .core
+            .frame_of(block.as_ptr())
+            .expect("a Block of this pool lies in its region");
+        if let Err(err) = self.core.free_frame(idx, Some(block.order())) {
+            panic!(
+                "pagepool: frame table disagrees with a live Block ({err}); memory was corrupted"
+            );
+        }
+    }
+
+    /// Frees a block by pointer, finding its order in the frame table. Returns the order.
+    ///
+    /// # Errors
+    /// [`FreeError::OutsideRegion`], [`FreeError::NotBlockStart`] or
+    /// [`FreeError::AlreadyFree`]; the pool is unchanged.
+    ///
+    /// # Safety
+    /// `ptr` must come from [`Block::into_raw`] of a block of this pool that was not freed
+    /// since, and no reference into the block may be used afterwards. The frame table
+    /// catches foreign pointers, interior pointers and frees of free blocks, but not a
+    /// stale pointer whose address was handed out again: that frees someone else's block.
+    pub unsafe fn free_raw(&self, ptr: NonNull<u8>) -> Result<u8, FreeError> {
+        let idx = self.core.frame_of(ptr.as_ptr())?;
+        self.core.free_frame(idx, None)
+    }
+
+    /// Like [`free_raw`](Self::free_raw), and also checks the caller's idea of the order.
+    ///
+    /// # Errors
+    /// As `free_raw`, plus [`FreeError::WrongOrder`].
+    ///
+    /// # Safety
+    /// As [`free_raw`](Self::free_raw).
+    pub unsafe fn free_raw_order(&self, ptr: NonNull<u8>, order: u8) -> Result<(), FreeError> {
+        let idx = self.core.frame_of(ptr.as_ptr())?;
+        self.core.free_frame(idx, Some(order)).map(|_| ())
+    }
+
+    /// Rebuilds a [`Block`] from a pointer of [`Block::into_raw`].
+    ///
+    /// # Errors
+    /// As [`free_raw`](Self::free_raw), when `ptr` is not an allocated block of this pool.
+    ///
+    /// # Safety
+    /// `ptr` must come from `into_raw` of a live block of this pool, and the returned
+    /// handle must be the only one.
+    pub unsafe fn block_from_raw(&self, ptr: NonNull<u8>) -> Result<Block, FreeError> {
+        let order = self.core.order_of(ptr.as_ptr())?;
+        Ok(Block::new(ptr, order, self.core.id()))
+    }
+
+    /// The order of the allocated block at `ptr`, from the frame table.
+    ///
+    /// # Errors
+    /// As [`free_raw`](Self::free_raw).
+    pub fn order_of(&self, ptr: *const u8) -> Result<u8, FreeError> {
+        self.core.order_of(ptr)
+    }
+
+    /// Grows `block` to `new_order` in place if the buddies it needs are free; the block
+    /// keeps its address and contents. Returns whether it grew.
+    pub fn try_grow(&self, block: &mut Block, new_order: u8) -> bool {
+        self.check_own(block);
+        if new_order <= block.order() {
+            return new_order == block.order();
+        }
+        let idx = self.core.frame_of(block.as_ptr()).expect("own block");
+        let grown = self.core.grow_frame(idx, block.order(), new_order);
+        if grown {
+            block.set_order(new_order);
+        }
+        grown
+    }
+
+    /// Shrinks `block` to `new_order` in place, freeing its upper part.
+    ///
+    /// # Panics
+    /// If `new_order` is larger than the block's order, or the block is from another pool.
+    pub fn shrink(&self, block: &mut Block, new_order: u8) {
+        self.check_own(block);
+        assert!(
+            new_order <= block.order(),
+            "shrink to order {new_order} from order {}",
+            block.order()
+        );
+        let idx = self.core.frame_of(block.as_ptr()).expect("own block");
+        self.core.shrink_frame(idx, block.order(), new_order);
+        block.set_order(new_order);
+    }
+
+    fn check_own(&self, block: &Block) {
+        assert!(
+            block.pool_id() == self.core.id(),
+            "pagepool: Block from pool {} used with pool {}",
+            block.pool_id(),
+            self.core.id()
+        );
+    }
+
+    /// Waits up to `timeout` for a block of `order`, capturing one as concurrent frees
+    /// coalesce it. Orders below the capture minimum (default 3) never wait: they fail at
+    /// once when the pool is exhausted. With capture switched off
+    /// ([`PoolBuilder::capture`]), the request retries with backoff until the deadline
+    /// instead, competing with every other allocation for the pieces.
+    ///
+    /// Waiters of one order are served first come, first served; a free that merges into a
+    /// larger block than a waiter needs hands over the lower part and frees the rest.
+    ///
+    /// While it waits, the request reserves the aligned region of its order with the most
+    /// free frames ([`PoolBuilder::capture_reserve`]): other allocations skip that region's
+    /// free pieces, so the frees of its remaining blocks complete it for this request
+    /// rather than feeding small allocations. The reservation ends when the call returns.
+    ///
+    /// # Errors
+    /// [`AllocError::Timeout`] (nothing is leaked: a block handed over at the deadline is
+    /// returned instead), or as [`alloc`](Self::alloc).
+    pub fn alloc_wait(&self, order: u8, timeout: Duration) -> Result<Block, AllocError> {
+        let idx = self.core.alloc_wait(order, timeout)?;
+        Ok(self.block_at(idx, order))
+    }
+
+    /// Allocates, and when the pool is exhausted, calls `reclaim` to free memory the caller
+    /// owns (a buffer manager evicting pages) until a block of `order` forms. While it runs,
+    /// blocks that its frees, and frees by other threads, coalesce to `order` are captured
+    /// for this caller. `reclaim` returns `false` when it can free nothing more.
+    ///
+    /// # Errors
+    /// [`AllocError::ReclaimFailed`] when `reclaim` gave up and no block formed, or as
+    /// [`alloc`](Self::alloc).
+    pub fn alloc_with_reclaim(
+        &self,
+        order: u8,
+        reclaim: impl FnMut() -> bool,
+    ) -> Result<Block, AllocError> {
+        let idx = self.core.alloc_with_reclaim(order, reclaim)?;
+        Ok(self.block_at(idx, order))
+    }
+
+    /// Hints every unhinted free block at or above the hint order now, whether cold or not,
+    /// on the calling thread. For runtimes that drive hinting themselves.
+    pub fn hint_now(&self) -> HintReport {
+        let outcome = hint::run_pass(&*self.core, None, u64::MAX);
+        HintReport {
+            blocks: outcome.blocks,
+            bytes: outcome.bytes,
+            failures: outcome.failures,
+        }
+    }
+
+    /// Starts the background hinter thread if it is not running (for pools built with
+    /// `hint_thread(false)`, or after [`shutdown`](Self::shutdown) or a `fork`).
+    ///
+    /// # Errors
+    /// When the thread cannot be spawned.
+    pub fn start_hinter(&self) -> std::io::Result<()> {
+        let mut slot = self.hinter.lock();
+        if slot.is_some() {
+            return Ok(());
+        }
+        // Requests a first pass too: anything freed before the thread listened deserves one.
+        self.core.signal.start_listening();
+        let core = self.core.clone();
+        let handle = match spawn_hinter(move || hint::hinter_main(&*core, &core.signal)) {
+            Ok(handle) => handle,
+            Err(err) => {
+                self.core.signal.stop();
+                return Err(err);
+            }
+        };
+        *slot = Some(handle);
+        Ok(())
+    }
+
+    /// Stops the hinter thread and waits for it. Allocation keeps working; hinting then
+    /// happens only through [`hint_now`](Self::hint_now). Also done by `Drop`.
+    pub fn shutdown(&self) {
+        let handle = self.hinter.lock().take();
+        if let Some(handle) = handle {
+            self.core.signal.stop();
+            let _ = handle.join();
+        }
+    }
+
+    /// Whether the hinter thread runs.
+    pub fn hinter_running(&self) -> bool {
+        self.hinter.lock().is_some()
+    }
+
+    /// A snapshot of the counters, read without locks.
+    pub fn stats(&self) -> Stats {
+        let mut stats = self.core.stats();
+        let cached_frames: u64 = self
+            .local_caches
+            .lock()
+            .iter()
+            .map(|held| held.load(Ordering::Relaxed))
+            .sum();
+        stats.local_cache_bytes = (cached_frames << crate::FRAME_SHIFT).min(stats.allocated_bytes);
+        stats
+    }
+
+    /// Locks every shard and checks the free lists, the frame table and the counters
+    /// against each other, including `free + allocated + in-flight == capacity`. O(capacity
+    /// in use); meant for tests and debugging.
+    ///
+    /// # Errors
+    /// A description of the first inconsistency found.
+    pub fn check_consistency(&self) -> Result<(), String> {
+        self.core.check_consistency()
+    }
+
+    /// Merges the shards' small-block caches back into the buddy lists, so free memory is
+    /// visible as large blocks (for example before [`hint_now`](Self::hint_now)). Blocks in
+    /// [`LocalCache`](crate::LocalCache)s stay there: only their owners can flush them.
+    pub fn drain_caches(&self) {
+        self.core.drain_caches();
+    }
+}
+
+impl PagePool {
+    /// Allocates, zeroing the block unless it is known to be zero already.
+    #[inline]
+    pub(crate) fn alloc_block(
+        &self,
+        order: u8,
+        zero: bool,
+        shard: Option<usize>,
+    ) -> Result<Block, AllocError> {
+        let (idx, class) = self.core.alloc_frame(order, zero, shard)?;
+        let block = self.block_at(idx, order);
+        if zero && class != FreeClass::Zero {
+            // SAFETY: the block was just handed to us: `len` bytes inside the region that
+            // nobody else may touch.
+            unsafe { std::ptr::write_bytes(block.as_ptr(), 0, block.len()) };
+        }
+        Ok(block)
+    }
+
+    /// The handle of the allocated block `(idx, order)`.
+    #[inline]
+    pub(crate) fn block_at(&self, idx: FrameIdx, order: u8) -> Block {
+        Block::new(self.core.frame_ptr(idx), order, self.core.id())
+    }
+}
+
+impl Drop for PagePool {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Spawns the named hinter thread.
+pub(crate) fn spawn_hinter(
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("pagepool-hinter".into())
+        .spawn(f)
+}
+
+impl PoolBuilder {
+    /// Builds the pool.
+    ///
+    /// # Errors
+    /// [`BuildError`] for an invalid configuration, or when the OS refuses the mapping.
+    pub fn build(&self) -> Result<PagePool, BuildError> {
+        PagePool::from_builder(self)
+    }
+}
+
+/// What [`PagePool::hint_now`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HintReport {
+    /// Blocks given back.
+    pub blocks: u64,
+    /// Bytes given back.
+    pub bytes: u64,
+    /// Blocks whose advice failed (they stay unhinted).
+    pub failures: u64,
+}

@@ -1,0 +1,145 @@
+//! Advice to the kernel about free memory: `madvise`, batched through `process_madvise`.
+//!
+//! The only place that gives memory back. The pool calls it through the [`Advisor`] trait,
+//! so tests can inject failures and heap-backed pools (Miri, loom) can emulate it.
+
+#[cfg(not(any(loom, miri)))]
+use crate::sync::Ordering;
+
+/// What the pool asks of the kernel for a free block it gives back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HintMode {
+    /// `MADV_FREE`: the kernel reclaims the pages only under memory pressure; until then a
+    /// reuse costs no fault. Hinted blocks have undefined contents. Shows up as `LazyFree`
+    /// in `/proc/self/smaps_rollup`, not as a drop in `Rss`.
+    Free,
+    /// `MADV_DONTNEED`: the pages go at once and `Rss` drops; the next touch faults in a zero
+    /// page, so hinted blocks become *known-zero*. For users whose monitoring reads `Rss`.
+    DontNeed,
+}
+
+// === impl Advisor ===
+
+/// Gives advice about free ranges to the kernel. The pool uses the operating system's
+/// `madvise`; tests substitute failing or panicking advisors.
+#[doc(hidden)]
+pub trait Advisor: Send + Sync {
+    /// Advises each `(address, length)` range (page-aligned, inside the pool's region) with
+    /// `mode`, and sets `ok[i]` for each range that succeeded. Returns the number of system
+    /// calls made.
+    fn advise(&self, ranges: &[(usize, usize)], mode: HintMode, ok: &mut [bool]) -> u64;
+}
+
+/// `madvise`, batched through `process_madvise` where the kernel allows it.
+pub(crate) struct OsAdvisor {
+    /// 0 = not tried yet, 1 = works, 2 = unsupported. A cache of a probe, not part of any
+    /// protocol, so it is a plain std atomic even under loom (and can live in a static).
+    #[cfg_attr(loom, allow(dead_code))] // loom models make no syscalls
+    batched: std::sync::atomic::AtomicU8,
+}
+
+pub(crate) static OS_ADVISOR: OsAdvisor = OsAdvisor {
+    batched: std::sync::atomic::AtomicU8::new(0),
+};
+
+/// Heap-backed pools have nothing to give back: `MADV_FREE` leaves the bytes as they are,
+/// and `MADV_DONTNEED` is emulated by zeroing, so known-zero stays true.
+pub(crate) struct HeapAdvisor;
+
+pub(crate) static HEAP_ADVISOR: HeapAdvisor = HeapAdvisor;
+
+impl Advisor for HeapAdvisor {
+    fn advise(&self, ranges: &[(usize, usize)], mode: HintMode, ok: &mut [bool]) -> u64 {
+        for (i, &(addr, len)) in ranges.iter().enumerate() {
+            if mode == HintMode::DontNeed {
+                // SAFETY: the pool passes ranges of isolated free blocks inside its region;
+                // nobody else may touch them until they are returned.
+                unsafe { std::ptr::write_bytes(addr as *mut u8, 0, len) };
+            }
+            ok[i] = true;
+        }
+        0
+    }
+}
+
+/// `PIDFD_SELF` (Linux 6.15+): the calling process, without opening a pidfd.
+#[cfg(not(any(loom, miri)))]
+const PIDFD_SELF: libc::c_int = -10000;
+
+impl Advisor for OsAdvisor {
+    #[cfg(any(loom, miri))]
+    fn advise(&self, ranges: &[(usize, usize)], mode: HintMode, ok: &mut [bool]) -> u64 {
+        HEAP_ADVISOR.advise(ranges, mode, ok)
+    }
+
+    #[cfg(not(any(loom, miri)))]
+    fn advise(&self, ranges: &[(usize, usize)], mode: HintMode, ok: &mut [bool]) -> u64 {
+        let advice = match mode {
+            HintMode::Free => libc::MADV_FREE,
+            HintMode::DontNeed => libc::MADV_DONTNEED,
+        };
+        let mut calls = 0;
+        let mut done = 0;
+        if ranges.len() > 1 && self.batched.load(Ordering::Relaxed) != 2 {
+            calls += 1;
+            match process_madvise_self(ranges, advice) {
+                Ok(bytes) => {
+                    self.batched.store(1, Ordering::Relaxed);
+                    let mut left = bytes;
+                    while done < ranges.len() && left >= ranges[done].1 {
+                        left -= ranges[done].1;
+                        ok[done] = true;
+                        done += 1;
+                    }
+                }
+                Err(_) => {
+                    // Unsupported here (old kernel, or advice not allowed): stop trying.
+                    if self.batched.load(Ordering::Relaxed) == 0 {
+                        self.batched.store(2, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        for i in done..ranges.len() {
+            let (addr, len) = ranges[i];
+            calls += 1;
+            // SAFETY: the range is a page-aligned free block inside the pool's private
+            // anonymous mapping, isolated so that nobody touches it meanwhile.
+            ok[i] = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) } == 0;
+        }
+        calls
+    }
+}
+
+/// One `process_madvise` call for all ranges (at most `IOV_MAX` = 1024 of them).
+#[cfg(not(any(loom, miri)))]
+fn process_madvise_self(ranges: &[(usize, usize)], advice: libc::c_int) -> std::io::Result<usize> {
+    const MAX_IOV: usize = 64;
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_IOV];
+    let n = ranges.len().min(MAX_IOV);
+    for (slot, &(addr, len)) in iov.iter_mut().zip(ranges) {
+        *slot = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        };
+    }
+    // SAFETY: `iov` holds `n` valid iovecs describing ranges of our own mapping.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_process_madvise,
+            PIDFD_SELF,
+            iov.as_ptr(),
+            n,
+            advice,
+            0u32,
+        )
+    };
+    if ret < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(ret as usize)
+    }
+}

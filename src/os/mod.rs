@@ -1,0 +1,15 @@
+//! Layer 0: the operating system. Everything that makes a system call lives here.
+//!
+//! - [`mapping`]: the region (one private anonymous `MAP_NORESERVE` mapping) and the
+//!   out-of-band metadata arrays, mapped straight from the OS so that a pool used as the
+//!   global allocator never allocates through itself while it sets up.
+//! - [`advice`]: `madvise` and `process_madvise`, behind the [`advice::Advisor`] trait.
+//! - [`machine`]: physical memory and CPU counts.
+//! - [`memory`]: honest process memory figures (`Rss - LazyFree`, minor faults).
+//!
+//! May call: `sync` only. Knows nothing of blocks, shards or pools.
+
+pub(crate) mod advice;
+pub(crate) mod machine;
+pub(crate) mod mapping;
+pub(crate) mod memory;

@@ -1,0 +1,189 @@
+//! One hinting pass over a pool, and the hinter thread's loop around passes.
+
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::time::Duration;
+
+use super::HintSignal;
+use crate::config::HintConfig;
+use crate::frame_table::{FrameIdx, FreeClass};
+use crate::os::advice::{Advisor, HintMode};
+use crate::shard::Isolation;
+use crate::sync::{AtomicU64, Ordering};
+
+/// Hinting counters, read by `stats()`.
+#[derive(Default)]
+pub(crate) struct HintCounters {
+    pub(crate) passes: AtomicU64,
+    pub(crate) madvise_calls: AtomicU64,
+    pub(crate) bytes_hinted: AtomicU64,
+    pub(crate) blocks_hinted: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) panics: AtomicU64,
+}
+
+/// What one pass did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct PassOutcome {
+    pub(crate) blocks: u64,
+    pub(crate) bytes: u64,
+    pub(crate) failures: u64,
+    /// The byte budget ran out with candidates left.
+    pub(crate) budget_spent: bool,
+    /// Milliseconds until a too-warm candidate turns cold.
+    pub(crate) next_cold_in: Option<u32>,
+}
+
+/// What the hinter needs from a pool.
+pub(crate) trait HintTarget {
+    /// The shards to visit, shared pool included.
+    fn shard_count(&self) -> usize;
+    /// Isolates up to `max_blocks` cold blocks of shard `shard`.
+    fn isolate(
+        &self,
+        shard: usize,
+        cold_ms: Option<u32>,
+        max_blocks: usize,
+        budget_frames: &mut u64,
+        out: &mut Vec<(FrameIdx, u8)>,
+    ) -> Isolation;
+    /// Returns isolated blocks of shard `shard` (class `None`: the advice failed).
+    fn return_isolated(
+        &self,
+        shard: usize,
+        blocks: &[(FrameIdx, u8)],
+        classes: &[Option<FreeClass>],
+    );
+    /// Address of a frame.
+    fn frame_addr(&self, idx: FrameIdx) -> usize;
+    fn config(&self) -> &HintConfig;
+    /// The smallest order hinted.
+    fn min_order(&self) -> u8;
+    fn advisor(&self) -> &dyn Advisor;
+    fn counters(&self) -> &HintCounters;
+}
+
+/// Runs one pass over every shard. `cold_ms = None` hints every candidate at once.
+pub(crate) fn run_pass(
+    target: &impl HintTarget,
+    cold_ms: Option<u32>,
+    budget_bytes: u64,
+) -> PassOutcome {
+    let config = *target.config();
+    let counters = target.counters();
+    let mut budget_frames = budget_bytes / crate::FRAME_SIZE as u64;
+    let mut outcome = PassOutcome::default();
+    let mut batch = Vec::with_capacity(config.batch_blocks);
+    let mut ranges = Vec::with_capacity(config.batch_blocks);
+    let mut ok = Vec::with_capacity(config.batch_blocks);
+    let mut classes = Vec::with_capacity(config.batch_blocks);
+    let success_class = match config.mode {
+        HintMode::Free => FreeClass::Hinted,
+        HintMode::DontNeed => FreeClass::Zero,
+    };
+    'shards: for shard in 0..target.shard_count() {
+        loop {
+            batch.clear();
+            let isolation = target.isolate(
+                shard,
+                cold_ms,
+                config.batch_blocks,
+                &mut budget_frames,
+                &mut batch,
+            );
+            if let Some(wait) = isolation.next_cold_in {
+                outcome.next_cold_in =
+                    Some(outcome.next_cold_in.map_or(wait, |w: u32| w.min(wait)));
+            }
+            if batch.is_empty() {
+                break;
+            }
+            ranges.clear();
+            ranges.extend(
+                batch
+                    .iter()
+                    .map(|&(idx, order)| (target.frame_addr(idx), crate::FRAME_SIZE << order)),
+            );
+            ok.clear();
+            ok.resize(batch.len(), false);
+            let advised = catch_unwind(AssertUnwindSafe(|| {
+                target.advisor().advise(&ranges, config.mode, &mut ok)
+            }));
+            match advised {
+                Ok(calls) => {
+                    counters.madvise_calls.fetch_add(calls, Ordering::Relaxed);
+                }
+                Err(_) => {
+                    counters.panics.fetch_add(1, Ordering::Relaxed);
+                    ok.iter_mut().for_each(|ok| *ok = false);
+                }
+            }
+            classes.clear();
+            classes.extend(ok.iter().map(|&ok| ok.then_some(success_class)));
+            target.return_isolated(shard, &batch, &classes);
+            let mut failed = false;
+            for (&(_, len), &ok) in ranges.iter().zip(&ok) {
+                if ok {
+                    outcome.blocks += 1;
+                    outcome.bytes += len as u64;
+                } else {
+                    outcome.failures += 1;
+                    failed = true;
+                }
+            }
+            if failed {
+                // Failed blocks are back on the lists, unhinted: retry them in a later
+                // pass, not in a loop now.
+                break;
+            }
+            if budget_frames < 1 << target.min_order() {
+                outcome.budget_spent = true;
+                break 'shards;
+            }
+        }
+    }
+    counters.passes.fetch_add(1, Ordering::Relaxed);
+    counters
+        .bytes_hinted
+        .fetch_add(outcome.bytes, Ordering::Relaxed);
+    counters
+        .blocks_hinted
+        .fetch_add(outcome.blocks, Ordering::Relaxed);
+    counters
+        .failures
+        .fetch_add(outcome.failures, Ordering::Relaxed);
+    outcome
+}
+
+/// The hinter thread's loop: sleep until requested, run passes until nothing is left or
+/// everything left is too warm, sleep again.
+pub(crate) fn hinter_main(target: &impl HintTarget, signal: &HintSignal) {
+    let config = *target.config();
+    let cold_ms = config.delay.as_millis().min(u32::MAX as u128 / 2) as u32;
+    while signal.wait_for_request() {
+        loop {
+            let outcome = run_pass(target, Some(cold_ms), config.pass_bytes as u64);
+            let pause = if outcome.budget_spent {
+                Some(config.interval)
+            } else {
+                // Come back when the next candidate turns cold (a little after, so it is).
+                outcome
+                    .next_cold_in
+                    .map(|ms| Duration::from_millis(ms as u64 + 5).max(config.interval))
+            };
+            match pause {
+                Some(pause) => {
+                    if !signal.pause(pause) {
+                        return;
+                    }
+                }
+                None => break,
+            }
+        }
+        signal.finish();
+        // Rate limit: frees that request a pass while one runs (or right after) are served
+        // an interval later, so a busy allocator cannot keep the thread spinning.
+        if !signal.pause(config.interval) {
+            return;
+        }
+    }
+}

@@ -1,0 +1,72 @@
+//! The pool as the hinter's target: which shards to visit, and isolation and return of
+//! cold blocks under each shard's lock.
+
+use super::PoolCore;
+use crate::config::HintConfig;
+use crate::frame_table::{FrameIdx, FreeClass};
+use crate::os::advice::Advisor;
+use crate::policy::hint::{HintCounters, HintTarget};
+use crate::shard::Isolation;
+
+impl HintTarget for PoolCore {
+    fn shard_count(&self) -> usize {
+        self.shards.len() + 1
+    }
+
+    fn isolate(
+        &self,
+        shard: usize,
+        cold_ms: Option<u32>,
+        max_blocks: usize,
+        budget_frames: &mut u64,
+        out: &mut Vec<(FrameIdx, u8)>,
+    ) -> Isolation {
+        let env = self.env();
+        let shard = self.shards.get(shard).map_or(&*self.shared, |s| &**s);
+        let mut shard = shard.lock(&env);
+        // Cached blocks are free memory too: merge them so they can be hinted.
+        shard.drain_cache(0);
+        shard.isolate(
+            self.resolved.hint_min_order,
+            cold_ms,
+            max_blocks,
+            budget_frames,
+            out,
+        )
+    }
+
+    fn return_isolated(
+        &self,
+        shard: usize,
+        blocks: &[(FrameIdx, u8)],
+        classes: &[Option<FreeClass>],
+    ) {
+        let env = self.env();
+        let shard = self.shards.get(shard).map_or(&*self.shared, |s| &**s);
+        let mut shard = shard.lock(&env);
+        for (&(idx, order), &class) in blocks.iter().zip(classes) {
+            shard.return_isolated(idx, order, class);
+        }
+        self.unlock(shard);
+    }
+
+    fn frame_addr(&self, idx: FrameIdx) -> usize {
+        self.frame_ptr(idx).as_ptr() as usize
+    }
+
+    fn config(&self) -> &HintConfig {
+        &self.config.hint
+    }
+
+    fn min_order(&self) -> u8 {
+        self.resolved.hint_min_order
+    }
+
+    fn advisor(&self) -> &dyn Advisor {
+        self.advisor
+    }
+
+    fn counters(&self) -> &HintCounters {
+        &self.hint_counters
+    }
+}

@@ -1,0 +1,92 @@
+//! Helpers shared by the integration tests: quiet pools and the invariants every test
+//! checks at the end.
+//!
+//! Each test file is its own crate and uses only some of these.
+#![allow(dead_code, unreachable_pub)]
+
+use pagepool::{Block, PagePool, PoolBuilder, Stats, block_size};
+
+/// Bytes in MiB.
+pub const MIB: usize = 1 << 20;
+/// A 4 MiB chunk (order 10), the default largest block.
+pub const CHUNK: usize = 4 * MIB;
+
+/// A quiet pool: `chunks` chunks of order 10 over `shards` shards, no hinter thread.
+pub fn quiet(chunks: usize, shards: usize) -> PoolBuilder {
+    PagePool::builder()
+        .capacity(chunks * CHUNK)
+        .max_order(10)
+        .shards(shards)
+        .hint_thread(false)
+}
+
+/// `free + allocated + in flight == capacity`, and the full audit of lists, frame table
+/// and counters. Returns the snapshot it checked.
+#[track_caller]
+pub fn assert_balanced(pool: &PagePool) -> Stats {
+    let s = pool.stats();
+    assert_eq!(
+        s.free_bytes + s.allocated_bytes + s.in_flight_bytes,
+        s.capacity as u64,
+        "free + allocated + in flight != capacity:\n{s}"
+    );
+    pool.check_consistency()
+        .unwrap_or_else(|e| panic!("inconsistent pool: {e}\n{s}"));
+    s
+}
+
+/// Everything freed: caches drained, balanced, every byte free, nothing waiting, nothing
+/// held by a `LocalCache`.
+#[track_caller]
+pub fn assert_all_free(pool: &PagePool) -> Stats {
+    pool.drain_caches();
+    let s = assert_balanced(pool);
+    assert_eq!(s.free_bytes, s.capacity as u64, "a block leaked:\n{s}");
+    assert_eq!(
+        s.capture.waiting, 0,
+        "a capture request was left behind:\n{s}"
+    );
+    assert_eq!(s.local_cache_bytes, 0, "{s}");
+    s
+}
+
+/// Everything freed and coalesced: every chunk whole and free.
+#[track_caller]
+pub fn assert_whole_chunks(pool: &PagePool) {
+    let s = assert_all_free(pool);
+    let max = pool.max_order() as usize;
+    for o in &s.orders[..max] {
+        assert_eq!(
+            (o.free, o.allocated),
+            (0, 0),
+            "order {} is not coalesced:\n{s}",
+            o.order
+        );
+    }
+    let chunks = (s.capacity / block_size(max as u8)) as u64;
+    assert_eq!(s.orders[max].free, chunks, "not every chunk is whole:\n{s}");
+    assert_eq!(s.cached_bytes, 0);
+}
+
+/// Writes a pattern derived from `tag` at the start, middle and end of the block.
+pub fn stamp(block: &mut Block, tag: u8) {
+    let len = block.len();
+    let bytes = block.as_mut_slice();
+    bytes[0] = tag;
+    bytes[len / 2] = tag.wrapping_add(1);
+    bytes[len - 1] = tag.wrapping_add(2);
+}
+
+/// Checks the pattern [`stamp`] wrote.
+#[track_caller]
+pub fn verify(block: &Block, tag: u8) {
+    let bytes = block.as_slice();
+    let len = bytes.len();
+    assert_eq!(
+        (bytes[0], bytes[len / 2], bytes[len - 1]),
+        (tag, tag.wrapping_add(1), tag.wrapping_add(2)),
+        "block at {:p} (order {}) lost its contents",
+        block.as_ptr(),
+        block.order()
+    );
+}
