@@ -11,6 +11,13 @@ pub use crate::os::advice::HintMode;
 pub use crate::os::mapping::Backing;
 use crate::{FRAME_SIZE, MAX_SHARDS, MAX_SUPPORTED_ORDER};
 
+/// The longest `hint_delay` or `hint_interval` a pool accepts: 24 days. Free times are
+/// kept as 32-bit millisecond stamps, whose differences are exact up to 24.8 days.
+pub const MAX_HINT_DURATION: Duration = Duration::from_secs(24 * 24 * 3600);
+
+/// The most blocks one hinting batch takes (`IOV_MAX`).
+const MAX_HINT_BATCH: usize = 1024;
+
 /// Default largest block: order 10, a 4 MiB block. Two transparent huge pages per chunk,
 /// so hinting whole 2 MiB blocks never has to split a chunk's metadata.
 pub const DEFAULT_MAX_ORDER: u8 = 10;
@@ -66,7 +73,7 @@ pub struct PoolBuilder {
     pub(crate) policy: AllocPolicy,
     pub(crate) hint: HintConfig,
     pub(crate) capture: bool,
-    pub(crate) capture_min_order: u8,
+    pub(crate) capture_min_order: Option<u8>,
     pub(crate) capture_reserve: bool,
     pub(crate) cache_blocks: u32,
     pub(crate) keep_chunks: u32,
@@ -113,7 +120,7 @@ impl PoolBuilder {
                 advisor: None,
             },
             capture: true,
-            capture_min_order: 3,
+            capture_min_order: None,
             capture_reserve: true,
             cache_blocks: 32,
             keep_chunks: 2,
@@ -180,27 +187,32 @@ impl PoolBuilder {
 
     /// How long a block must stay free before it is cold enough to hint. Default 1 s
     /// (Linux reports after 2 s, mimalloc purges after 1 s): a block reused within the
-    /// delay never pays a refault.
+    /// delay never pays a refault. At most [`MAX_HINT_DURATION`] (24 days); `build` rejects
+    /// more.
     pub const fn hint_delay(mut self, delay: Duration) -> Self {
         self.hint.delay = delay;
         self
     }
 
-    /// Bytes hinted per pass at most. Default 64 MiB, the seed's batch: at the default
-    /// interval a 1 GiB burst goes back in about 1.6 s of passes.
+    /// Bytes hinted per pass at most. Default 64 MiB, the batch of the free page hinting
+    /// patches that Linux's free page reporting grew from: at the default interval a 1 GiB
+    /// burst goes back in about 1.6 s of passes. A pass always hints at least one block,
+    /// even one larger than the budget, so any budget makes progress; `build` rejects 0.
     pub const fn hint_pass_bytes(mut self, bytes: usize) -> Self {
         self.hint.pass_bytes = bytes;
         self
     }
 
     /// Blocks isolated under one lock hold. Default 32 (Linux's `PAGE_REPORTING_CAPACITY`);
-    /// bounds how long an allocation can wait behind the hinter.
+    /// bounds how long an allocation can wait behind the hinter. 1 to 1024 (`IOV_MAX`,
+    /// the most ranges one `process_madvise` call takes); `build` rejects the rest.
     pub const fn hint_batch_blocks(mut self, blocks: usize) -> Self {
         self.hint.batch_blocks = blocks;
         self
     }
 
-    /// Pause between passes while work remains. Default 100 ms.
+    /// Pause between passes while work remains. Default 100 ms. At most
+    /// [`MAX_HINT_DURATION`]; `build` rejects more.
     pub const fn hint_interval(mut self, interval: Duration) -> Self {
         self.hint.interval = interval;
         self
@@ -234,9 +246,11 @@ impl PoolBuilder {
     }
 
     /// Smallest order that waits and captures. Default 3, the kernel's
-    /// `PAGE_ALLOC_COSTLY_ORDER`: smaller blocks are plentiful after any free.
+    /// `PAGE_ALLOC_COSTLY_ORDER` (smaller blocks are plentiful after any free), or
+    /// `max_order` if that is smaller. `build` rejects an order above `max_order`, which
+    /// would switch capture off without saying so (use [`capture`](Self::capture) for that).
     pub const fn capture_min_order(mut self, order: u8) -> Self {
-        self.capture_min_order = order;
+        self.capture_min_order = Some(order);
         self
     }
 
@@ -291,7 +305,7 @@ impl PoolBuilder {
         }
         let chunks = capacity / chunk_bytes;
         let frames = chunks as u64 * (1u64 << self.max_order);
-        if frames >= u32::MAX as u64 {
+        if frames >= 1 << 32 {
             return Err(BuildError::CapacityTooLarge { capacity });
         }
         let shards = match self.shards {
@@ -303,23 +317,34 @@ impl PoolBuilder {
             return Err(BuildError::TooManyShards { shards });
         }
         let hint_min_order = self.hint.min_order.unwrap_or(9).min(self.max_order);
-        if self.hint.batch_blocks == 0 {
-            return Err(BuildError::InvalidSetting(
-                "hint_batch_blocks must be at least 1",
-            ));
+        let invalid = |setting, allowed| Err(BuildError::InvalidSetting { setting, allowed });
+        if !(1..=MAX_HINT_BATCH).contains(&self.hint.batch_blocks) {
+            return invalid("hint_batch_blocks", "1 to 1024 blocks");
         }
         if self.hint.high_water == 0 {
-            return Err(BuildError::InvalidSetting(
-                "hint_high_water must be at least 1",
-            ));
+            return invalid("hint_high_water", "at least 1 block");
         }
+        if self.hint.pass_bytes == 0 {
+            return invalid("hint_pass_bytes", "at least 1 byte");
+        }
+        if self.hint.delay > MAX_HINT_DURATION {
+            return invalid("hint_delay", "at most 24 days (MAX_HINT_DURATION)");
+        }
+        if self.hint.interval > MAX_HINT_DURATION {
+            return invalid("hint_interval", "at most 24 days (MAX_HINT_DURATION)");
+        }
+        let capture_min_order = match self.capture_min_order {
+            None => 3.min(self.max_order),
+            Some(order) if order <= self.max_order => order,
+            Some(_) => return invalid("capture_min_order", "an order up to max_order"),
+        };
         Ok(Resolved {
             capacity: chunks * chunk_bytes,
             chunks: chunks as u32,
             max_order: self.max_order,
             shards,
             hint_min_order,
-            capture_min_order: self.capture_min_order,
+            capture_min_order,
         })
     }
 }

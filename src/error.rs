@@ -16,7 +16,8 @@ pub enum BuildError {
         /// The smallest capacity accepted: one maximum-order block.
         min: usize,
     },
-    /// The capacity needs more frames than the frame table can index (2^32 - 1).
+    /// The capacity needs 2^32 frames (16 TiB) or more; the frame table indexes frames
+    /// with 32 bits.
     CapacityTooLarge {
         /// Requested capacity in bytes.
         capacity: usize,
@@ -35,8 +36,16 @@ pub enum BuildError {
         /// Requested shard count.
         shards: usize,
     },
-    /// A hinting or capture setting is out of range (the message says which).
-    InvalidSetting(&'static str),
+    /// A setting is out of its allowed range.
+    InvalidSetting {
+        /// The builder method, e.g. `"hint_pass_bytes"`.
+        setting: &'static str,
+        /// What it accepts.
+        allowed: &'static str,
+    },
+    /// Building a pool inside [`PoolAlloc`](crate::PoolAlloc) panicked (no error value
+    /// exists to report).
+    Panicked,
     /// The operating system refused to map the region or the frame table.
     Map(std::io::Error),
     /// The background hinter thread could not be started.
@@ -54,7 +63,7 @@ impl fmt::Display for BuildError {
             Self::CapacityTooLarge { capacity } => {
                 write!(
                     f,
-                    "pool capacity {capacity} B needs more than 2^32-1 frames"
+                    "pool capacity {capacity} B needs 2^32 or more 4 KiB frames (16 TiB)"
                 )
             }
             Self::MaxOrderTooLarge { max_order, limit } => {
@@ -71,7 +80,10 @@ impl fmt::Display for BuildError {
                     crate::MAX_SHARDS
                 )
             }
-            Self::InvalidSetting(what) => write!(f, "invalid setting: {what}"),
+            Self::InvalidSetting { setting, allowed } => {
+                write!(f, "invalid setting {setting}: allowed is {allowed}")
+            }
+            Self::Panicked => write!(f, "building the pool panicked"),
             Self::Map(err) => write!(f, "mapping the pool's memory failed: {err}"),
             Self::SpawnHinter(err) => write!(f, "starting the hinter thread failed: {err}"),
         }

@@ -101,7 +101,9 @@ mod pool;
 mod shard;
 mod sync;
 
-pub use config::{AllocPolicy, Backing, DEFAULT_MAX_ORDER, HintMode, PoolBuilder};
+pub use config::{
+    AllocPolicy, Backing, DEFAULT_MAX_ORDER, HintMode, MAX_HINT_DURATION, PoolBuilder,
+};
 pub use error::{AllocError, BuildError, FreeError};
 #[cfg(not(loom))]
 pub use front::global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
@@ -111,6 +113,7 @@ pub use front::{Block, HintReport, PagePool};
 pub use os::advice::Advisor;
 pub use os::memory::{ProcessMemory, minor_faults};
 pub use pool::stats::{CaptureStats, HintStats, OrderStats, Stats};
+pub use pool::wait::RECLAIM_STALL_ROUNDS;
 
 /// log2 of [`FRAME_SIZE`].
 pub const FRAME_SHIFT: usize = 12;

@@ -36,6 +36,12 @@ pub(crate) struct Mutex<T>(imp::Mutex<T>);
 pub(crate) type MutexGuard<'a, T> = imp::MutexGuard<'a, T>;
 
 impl<T> Mutex<T> {
+    #[cfg(not(loom))]
+    pub(crate) const fn new(value: T) -> Self {
+        Self(imp::Mutex::new(value))
+    }
+
+    #[cfg(loom)]
     pub(crate) fn new(value: T) -> Self {
         Self(imp::Mutex::new(value))
     }
@@ -52,6 +58,12 @@ impl<T> Mutex<T> {
 pub(crate) struct Condvar(imp::Condvar);
 
 impl Condvar {
+    #[cfg(not(loom))]
+    pub(crate) const fn new() -> Self {
+        Self(imp::Condvar::new())
+    }
+
+    #[cfg(loom)]
     pub(crate) fn new() -> Self {
         Self(imp::Condvar::new())
     }
@@ -118,5 +130,64 @@ pub(crate) fn current_cpu() -> usize {
         // SAFETY: sched_getcpu has no preconditions; glibc answers from rseq or the vDSO.
         let cpu = unsafe { libc::sched_getcpu() };
         if cpu < 0 { 0 } else { cpu as usize }
+    }
+}
+
+/// Declares a process-wide value and a function returning it: a plain `static` normally;
+/// under loom, one per model execution (loom must see a fresh one each time).
+macro_rules! process_wide {
+    ($(#[$meta:meta])* $vis:vis fn $name:ident() -> $ty:ty = $init:expr;) => {
+        $(#[$meta])*
+        $vis fn $name() -> &'static $ty {
+            #[cfg(not(loom))]
+            {
+                static VALUE: $ty = $init;
+                &VALUE
+            }
+            #[cfg(loom)]
+            {
+                loom::lazy_static! {
+                    static ref VALUE: $ty = $init;
+                }
+                &VALUE
+            }
+        }
+    };
+}
+pub(crate) use process_wide;
+
+/// Spawns a named thread (a loom thread under loom).
+pub(crate) fn spawn_named(
+    name: &str,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<JoinHandle> {
+    #[cfg(not(loom))]
+    {
+        std::thread::Builder::new().name(name.into()).spawn(f)
+    }
+    #[cfg(loom)]
+    {
+        let _ = name;
+        Ok(loom::thread::spawn(f))
+    }
+}
+
+/// The handle of a thread from [`spawn_named`].
+#[cfg(not(loom))]
+pub(crate) type JoinHandle = std::thread::JoinHandle<()>;
+/// The handle of a thread from [`spawn_named`].
+#[cfg(loom)]
+pub(crate) type JoinHandle = loom::thread::JoinHandle<()>;
+
+/// The calling process's id (a system call: not for hot paths). 1 under loom and Miri.
+pub(crate) fn process_id() -> u32 {
+    #[cfg(any(loom, miri))]
+    {
+        1
+    }
+    #[cfg(not(any(loom, miri)))]
+    {
+        // SAFETY: getpid has no preconditions.
+        unsafe { libc::getpid() as u32 }
     }
 }

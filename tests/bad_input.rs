@@ -181,22 +181,75 @@ fn build_rejects_zero_and_too_many_shards() {
     );
 }
 
+/// The setting a build error names, for settings out of range.
+fn rejected(builder: PoolBuilder) -> &'static str {
+    match builder.build().unwrap_err() {
+        BuildError::InvalidSetting { setting, .. } => setting,
+        other => panic!("expected InvalidSetting, got {other:?}"),
+    }
+}
+
 #[test]
 fn build_rejects_out_of_range_hint_settings() {
-    let err = builder().hint_batch_blocks(0).build().unwrap_err();
-    assert!(matches!(err, BuildError::InvalidSetting(_)), "{err:?}");
-    let err = builder().hint_high_water(0).build().unwrap_err();
-    assert!(matches!(err, BuildError::InvalidSetting(_)), "{err:?}");
-    // Out-of-range orders are clamped or simply never reached, not errors.
-    let pool = builder()
-        .hint_min_order(200)
-        .capture_min_order(200)
+    assert_eq!(
+        rejected(builder().hint_batch_blocks(0)),
+        "hint_batch_blocks"
+    );
+    assert_eq!(
+        rejected(builder().hint_batch_blocks(1025)),
+        "hint_batch_blocks"
+    );
+    assert_eq!(
+        rejected(builder().hint_batch_blocks(usize::MAX)),
+        "hint_batch_blocks"
+    );
+    assert_eq!(rejected(builder().hint_high_water(0)), "hint_high_water");
+    // A zero budget would never hint; any other budget hints at least a block per pass.
+    assert_eq!(rejected(builder().hint_pass_bytes(0)), "hint_pass_bytes");
+    builder().hint_pass_bytes(1).build().unwrap();
+    builder().hint_pass_bytes(4096).build().unwrap();
+    // Durations beyond what the 32-bit millisecond stamps can compare.
+    assert_eq!(rejected(builder().hint_delay(Duration::MAX)), "hint_delay");
+    assert_eq!(
+        rejected(builder().hint_interval(Duration::MAX)),
+        "hint_interval"
+    );
+    let limit = pagepool::MAX_HINT_DURATION;
+    builder()
+        .hint_delay(limit)
+        .hint_interval(limit)
         .build()
         .unwrap();
-    assert!(matches!(
-        pool.alloc_wait(11, Duration::ZERO),
-        Err(AllocError::OrderTooLarge { .. })
-    ));
+    assert_eq!(
+        rejected(builder().hint_delay(limit + Duration::from_millis(1))),
+        "hint_delay"
+    );
+    // A capture order above the largest block would silently turn capture off.
+    assert_eq!(
+        rejected(builder().capture_min_order(200)),
+        "capture_min_order"
+    );
+    assert_eq!(
+        rejected(builder().capture_min_order(11)),
+        "capture_min_order"
+    );
+    builder().capture_min_order(10).build().unwrap();
+    // The default capture order follows a small max_order down; hint_min_order is clamped.
+    let pool = builder()
+        .max_order(2)
+        .capacity(block_size(2))
+        .hint_min_order(200)
+        .build()
+        .unwrap();
+    let block = pool.alloc(2).unwrap();
+    // Order 2 waits (capture's order is min(3, max_order)) and times out.
+    assert_eq!(
+        pool.alloc_wait(2, Duration::ZERO).unwrap_err(),
+        AllocError::Timeout { order: 2 }
+    );
+    pool.free(block);
+    let err = builder().hint_delay(Duration::MAX).build().unwrap_err();
+    assert!(err.to_string().contains("hint_delay"), "{err}");
 }
 
 // --- allocation -----------------------------------------------------------------------------

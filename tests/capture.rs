@@ -271,6 +271,88 @@ fn reclaim_that_cannot_succeed_reports_it() {
 }
 
 #[test]
+fn a_panicking_reclaim_callback_leaves_nothing_behind() {
+    // A 4 MiB pool exhausted with order-3 blocks.
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
+    let mut blocks = fill(&pool, 3);
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.alloc_with_reclaim(3, || panic!("the eviction callback failed"))
+    }));
+    assert!(panicked.is_err());
+    let s = pool.stats();
+    assert_eq!(s.capture.waiting, 0, "the request was left published:\n{s}");
+    // Frees afterwards list their blocks; nothing goes to a dead request.
+    let last = blocks.pop().unwrap();
+    pool.free(last);
+    assert_eq!(pool.stats().capture.captures, 0);
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+    pool.free(pool.alloc(10).expect("the whole chunk is free again"));
+
+    // The callback frees a block (captured for the request), then panics: the captured
+    // block is freed again, not leaked.
+    let mut blocks = fill(&pool, 3);
+    let mut spare = blocks.pop();
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        pool.alloc_with_reclaim(3, || {
+            if let Some(b) = spare.take() {
+                pool.free(b);
+                return true;
+            }
+            panic!("second round fails")
+        })
+    }));
+    // The first round's free may already have served the request.
+    if let Ok(Ok(block)) = panicked {
+        pool.free(block);
+    }
+    assert_eq!(pool.stats().capture.waiting, 0);
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+    pool.free(pool.alloc(10).expect("nothing leaked"));
+}
+
+#[test]
+fn a_reclaim_callback_that_frees_nothing_is_bounded() {
+    let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
+    let blocks = fill(&pool, 0);
+    let mut calls = 0u64;
+    // Claims progress for ever but frees nothing: it used to run without end.
+    let err = pool
+        .alloc_with_reclaim(3, || {
+            calls += 1;
+            true
+        })
+        .unwrap_err();
+    assert_eq!(
+        err,
+        AllocError::ReclaimFailed {
+            order: 3,
+            rounds: pagepool::RECLAIM_STALL_ROUNDS
+        }
+    );
+    assert_eq!(calls, pagepool::RECLAIM_STALL_ROUNDS as u64);
+    // The same below the capture order.
+    let err = pool.alloc_with_reclaim(1, || true).unwrap_err();
+    assert_eq!(
+        err,
+        AllocError::ReclaimFailed {
+            order: 1,
+            rounds: pagepool::RECLAIM_STALL_ROUNDS
+        }
+    );
+    assert_eq!(pool.stats().capture.waiting, 0);
+    for b in blocks {
+        pool.free(b);
+    }
+    assert_all_free(&pool);
+}
+
+#[test]
 fn small_orders_never_wait() {
     let pool = quiet(1, 1).cache_blocks(0).build().unwrap();
     let blocks = fill(&pool, 0);

@@ -1,5 +1,7 @@
-//! `fork` with `PoolAlloc` as the global allocator while other threads allocate: the
-//! child keeps allocating, restarts the hinter (which the fork left behind), and exits 0.
+//! `fork` with `PoolAlloc` as the global allocator while other threads allocate: safe
+//! without any call (the fork handlers install themselves when the pool is built), and
+//! with the hinter running; the child keeps allocating, restarts the hinter (which the
+//! fork left behind), and exits 0.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -38,10 +40,9 @@ fn child_work() -> bool {
     GLOBAL.check_consistency().is_ok() && report.failures == 0
 }
 
-#[test]
-fn child_allocates_and_restarts_the_hinter() {
-    GLOBAL.start_hinter().expect("hinter");
-    assert!(GLOBAL.hinter_running());
+/// Forks `rounds` children that each run `work` while 3 threads allocate pool blocks, and
+/// checks that every child exits 0 within its deadline.
+fn fork_while_allocating(rounds: usize, work: fn() -> bool) {
     let stop = Arc::new(AtomicBool::new(false));
     // Threads that keep shard locks busy while we fork.
     let busy: Vec<_> = (0..3)
@@ -57,12 +58,12 @@ fn child_allocates_and_restarts_the_hinter() {
             })
         })
         .collect();
-    for round in 0..12 {
-        // SAFETY: fork has no preconditions; the child only runs `child_work` and _exit.
+    for round in 0..rounds {
+        // SAFETY: fork has no preconditions; the child only runs `work` and _exit.
         let pid = unsafe { libc::fork() };
         assert!(pid >= 0, "fork failed");
         if pid == 0 {
-            let ok = std::panic::catch_unwind(child_work).unwrap_or(false);
+            let ok = std::panic::catch_unwind(work).unwrap_or(false);
             // SAFETY: _exit ends the child without running the parent's atexit handlers.
             unsafe { libc::_exit(if ok { 0 } else { 1 }) };
         }
@@ -79,7 +80,7 @@ fn child_allocates_and_restarts_the_hinter() {
                 unsafe { libc::kill(pid, libc::SIGKILL) };
                 panic!("round {round}: the child hung (a lock inherited across fork?)");
             }
-            std::thread::sleep(Duration::from_millis(5));
+            std::thread::sleep(Duration::from_millis(1));
         }
         assert!(
             libc::WIFEXITED(status),
@@ -95,6 +96,29 @@ fn child_allocates_and_restarts_the_hinter() {
     for t in busy {
         t.join().unwrap();
     }
+}
+
+/// A child that only allocates pool blocks and frees them.
+fn child_allocates() -> bool {
+    let vecs: Vec<Vec<u8>> = (0..16).map(|i| vec![i as u8; 8192 << (i % 6)]).collect();
+    vecs.iter()
+        .enumerate()
+        .all(|(i, v)| v.iter().all(|&b| b == i as u8))
+        && GLOBAL.check_consistency().is_ok()
+}
+
+#[test]
+fn fork_is_safe_by_default_then_with_the_hinter() {
+    // Phase 1: the hinter was never started, nothing was installed by hand.
+    let warm = vec![1u8; 1 << 20];
+    assert!(GLOBAL.contains(warm.as_ptr()), "the pool is built");
+    drop(warm);
+    assert!(!GLOBAL.hinter_running());
+    fork_while_allocating(100, child_allocates);
+    // Phase 2: with the hinter running in the parent.
+    GLOBAL.start_hinter().expect("hinter");
+    assert!(GLOBAL.hinter_running());
+    fork_while_allocating(12, child_work);
     // The parent's hinter is unaffected.
     assert!(GLOBAL.hinter_running());
     GLOBAL.check_consistency().unwrap();

@@ -114,8 +114,18 @@ fn switching_the_pool_off_routes_new_requests_to_the_fallback() {
         // Growing a fallback block does not move it into a disabled pool ...
         let b = SWITCHED.realloc(b, layout, 256 << 10);
         assert!(!SWITCHED.contains(b));
+        // ... a pool block that must move to grow does not take a new pool block ...
+        let held = SWITCHED.alloc(layout); // still the pool's? no: the pool is off
+        assert!(!SWITCHED.contains(held));
+        let c = SWITCHED.realloc(a, layout, 8 << 20);
+        assert!(
+            !SWITCHED.contains(c),
+            "realloc took a pool block while switched off"
+        );
+        let big = Layout::from_size_align(8 << 20, 8).unwrap();
         // ... and a pool block is still freed to the pool.
-        SWITCHED.dealloc(a, layout);
+        SWITCHED.dealloc(c, big);
+        SWITCHED.dealloc(held, layout);
         SWITCHED.dealloc(b, Layout::from_size_align(256 << 10, 8).unwrap());
         SWITCHED.set_pool_enabled(true);
     }

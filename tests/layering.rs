@@ -46,6 +46,7 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("AllocPolicy", "config"),
     ("Backing", "os"),
     ("DEFAULT_MAX_ORDER", "config"),
+    ("MAX_HINT_DURATION", "config"),
     ("HintMode", "os"),
     ("PoolBuilder", "config"),
     ("AllocError", "error"),
@@ -67,6 +68,7 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("OrderStats", "pool"),
     ("HintStats", "pool"),
     ("CaptureStats", "pool"),
+    ("RECLAIM_STALL_ROUNDS", "pool"),
 ];
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {

@@ -8,6 +8,7 @@ use crate::error::{AllocError, BuildError, FreeError};
 use crate::frame_table::{FrameIdx, FreeClass};
 use crate::front::block::Block;
 use crate::policy::hint;
+use crate::pool::registry::registry;
 use crate::pool::{PoolCore, Stats};
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
 
@@ -23,8 +24,8 @@ use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct PagePool {
-    core: Arc<PoolCore>,
-    hinter: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Boxed: the process's registry of pools knows it by address.
+    core: Box<PoolCore>,
     /// Each live `LocalCache`'s count of the frames it holds (counted as allocated by the
     /// shards), for `stats()`.
     pub(crate) local_caches: Mutex<Vec<Arc<AtomicU64>>>,
@@ -53,9 +54,11 @@ impl PagePool {
     }
 
     pub(crate) fn from_builder(config: &PoolBuilder) -> Result<Self, BuildError> {
+        let core = Box::new(PoolCore::new(config)?);
+        // SAFETY: the box keeps the core at one address; `Drop` leaves before freeing it.
+        unsafe { registry().join(&core) };
         let pool = Self {
-            core: Arc::new(PoolCore::new(config)?),
-            hinter: Mutex::new(None),
+            core,
             local_caches: Mutex::new(Vec::new()),
         };
         if config.hint.thread {
@@ -274,9 +277,15 @@ impl PagePool {
     /// blocks that its frees, and frees by other threads, coalesce to `order` are captured
     /// for this caller. `reclaim` returns `false` when it can free nothing more.
     ///
+    /// A callback that keeps returning `true` while the pool sees no free for
+    /// [`RECLAIM_STALL_ROUNDS`](crate::RECLAIM_STALL_ROUNDS) calls in a row is taken to have
+    /// nothing left, so a faulty callback cannot loop for ever. If `reclaim` panics, the
+    /// panic propagates after the request and its reservation are undone (a block captured
+    /// meanwhile is freed): the pool is as if the call had not been made.
+    ///
     /// # Errors
-    /// [`AllocError::ReclaimFailed`] when `reclaim` gave up and no block formed, or as
-    /// [`alloc`](Self::alloc).
+    /// [`AllocError::ReclaimFailed`] (with the number of calls) when `reclaim` gave up or
+    /// stalled and no block formed, or as [`alloc`](Self::alloc).
     pub fn alloc_with_reclaim(
         &self,
         order: u8,
@@ -297,43 +306,27 @@ impl PagePool {
         }
     }
 
-    /// Starts the background hinter thread if it is not running (for pools built with
-    /// `hint_thread(false)`, or after [`shutdown`](Self::shutdown) or a `fork`).
+    /// Asks the process's hinter thread to serve this pool (starting the thread if none
+    /// runs in this process): for pools built with `hint_thread(false)`, or after
+    /// [`shutdown`](Self::shutdown), or in a child after `fork`, where no thread runs until
+    /// this is called. One thread serves every pool of the process that asked.
     ///
     /// # Errors
     /// When the thread cannot be spawned.
     pub fn start_hinter(&self) -> std::io::Result<()> {
-        let mut slot = self.hinter.lock();
-        if slot.is_some() {
-            return Ok(());
-        }
-        // Requests a first pass too: anything freed before the thread listened deserves one.
-        self.core.signal.start_listening();
-        let core = self.core.clone();
-        let handle = match spawn_hinter(move || hint::hinter_main(&*core, &core.signal)) {
-            Ok(handle) => handle,
-            Err(err) => {
-                self.core.signal.stop();
-                return Err(err);
-            }
-        };
-        *slot = Some(handle);
-        Ok(())
+        registry().start_hinting(&self.core)
     }
 
-    /// Stops the hinter thread and waits for it. Allocation keeps working; hinting then
+    /// Stops hinting this pool, waiting for a pass on it to end (and for the thread to
+    /// exit, if no other pool asks for hinting). Allocation keeps working; hinting then
     /// happens only through [`hint_now`](Self::hint_now). Also done by `Drop`.
     pub fn shutdown(&self) {
-        let handle = self.hinter.lock().take();
-        if let Some(handle) = handle {
-            self.core.signal.stop();
-            let _ = handle.join();
-        }
+        registry().stop_hinting(&self.core);
     }
 
-    /// Whether the hinter thread runs.
+    /// Whether the hinter thread runs in this process and serves this pool.
     pub fn hinter_running(&self) -> bool {
-        self.hinter.lock().is_some()
+        registry().hinting(&self.core)
     }
 
     /// A snapshot of the counters, read without locks.
@@ -395,17 +388,8 @@ impl PagePool {
 
 impl Drop for PagePool {
     fn drop(&mut self) {
-        self.shutdown();
+        registry().leave(&self.core);
     }
-}
-
-/// Spawns the named hinter thread.
-pub(crate) fn spawn_hinter(
-    f: impl FnOnce() + Send + 'static,
-) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("pagepool-hinter".into())
-        .spawn(f)
 }
 
 impl PoolBuilder {

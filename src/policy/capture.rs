@@ -62,6 +62,12 @@ impl Request {
     }
 }
 
+/// The queue lock held with nothing to do but release it; see `CaptureRegistry::hold`.
+#[cfg(not(any(loom, miri)))]
+pub(crate) struct QueueHold<'a>(
+    #[allow(dead_code)] crate::sync::MutexGuard<'a, VecDeque<Arc<Request>>>,
+);
+
 /// Capture counters, read by `stats()`.
 #[derive(Default)]
 pub(crate) struct CaptureCounters {
@@ -198,6 +204,21 @@ impl CaptureRegistry {
     /// Requests waiting right now.
     pub(crate) fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Takes the queue lock and keeps it until the hold is dropped (across `fork`).
+    #[cfg(not(any(loom, miri)))]
+    pub(crate) fn hold(&self) -> QueueHold<'_> {
+        QueueHold(self.queue.lock())
+    }
+
+    /// Forgets every waiting request: in a child after `fork` their threads do not exist.
+    /// A block already handed to one stays allocated, like any memory those threads held.
+    #[cfg(not(any(loom, miri)))]
+    pub(crate) fn forget_waiters(&self) {
+        let mut queue = self.queue.lock();
+        self.waiting.fetch_sub(queue.len(), Ordering::SeqCst);
+        queue.clear();
     }
 
     /// The count of waiting requests itself, for the shards' `Env`.

@@ -6,7 +6,7 @@ use crate::config::HintConfig;
 use crate::frame_table::{FrameIdx, FreeClass};
 use crate::os::advice::Advisor;
 use crate::policy::hint::{HintCounters, HintTarget};
-use crate::shard::Isolation;
+use crate::shard::{Budget, Isolation};
 
 impl HintTarget for PoolCore {
     fn shard_count(&self) -> usize {
@@ -18,21 +18,27 @@ impl HintTarget for PoolCore {
         shard: usize,
         cold_ms: Option<u32>,
         max_blocks: usize,
-        budget_frames: &mut u64,
+        budget: &mut Budget,
         out: &mut Vec<(FrameIdx, u8)>,
     ) -> Isolation {
         let env = self.env();
         let shard = self.shards.get(shard).map_or(&*self.shared, |s| &**s);
         let mut shard = shard.lock(&env);
-        // Cached blocks are free memory too: merge them so they can be hinted.
-        shard.drain_cache(0);
-        shard.isolate(
+        // Cached blocks are free memory too: merge the cold ones so they can be hinted.
+        let cache_warm_in = shard.drain_cold_cache(crate::sync::now_ms(), cold_ms);
+        let mut isolation = shard.isolate(
             self.resolved.hint_min_order,
             cold_ms,
             max_blocks,
-            budget_frames,
+            budget,
             out,
-        )
+        );
+        if let Some(wait) = cache_warm_in {
+            isolation.next_cold_in = Some(isolation.next_cold_in.map_or(wait, |w| w.min(wait)));
+        }
+        // What the merges listed is being looked at now: no wake-up needed for it.
+        shard.take_news();
+        isolation
     }
 
     fn return_isolated(

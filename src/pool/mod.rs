@@ -16,7 +16,9 @@
 //!
 //! Files: [`alloc`] (allocation, frees, in-place resize), [`wait`] (capture waits),
 //! [`hinting`] (the pool as the hinter's target), [`stats`], [`audit`] (the consistency
-//! check, off the hot path).
+//! check, off the hot path), [`registry`] (the process's pools: fork handlers, and the one
+//! [`hinter`] thread that serves them all), [`fork_hold`] (what a pool holds across
+//! `fork`).
 //!
 //! Lock order: a shard, then the shared pool; a shard, then the capture queue, then a
 //! request. No code holds two per-CPU shards' locks except the audit, which takes them in
@@ -35,15 +37,19 @@ use crate::os::advice::{self, Advisor};
 use crate::os::mapping::{MetaArray, Region};
 use crate::policy::capture::CaptureRegistry;
 use crate::policy::hint::{HintCounters, HintSignal};
-use crate::shard::{Env, Locked, Shard, ShardId};
+use crate::shard::{Env, FreeNews, Locked, Shard, ShardId};
 use crate::sync::Ordering;
 use crate::{FRAME_SHIFT, FRAME_SIZE};
 
 mod alloc;
 mod audit;
+#[cfg(not(any(loom, miri)))]
+mod fork_hold;
+mod hinter;
 mod hinting;
+pub(crate) mod registry;
 pub(crate) mod stats;
-mod wait;
+pub(crate) mod wait;
 
 pub(crate) use stats::Stats;
 
@@ -68,6 +74,11 @@ pub(crate) struct PoolCore {
     pub(crate) resolved: Resolved,
     /// Blocks each order's small-block cache may hold.
     cache_limits: [u32; crate::shard::ORDERS],
+    /// Its place in the process's registry of pools.
+    pub(crate) entry: registry::Entry,
+    /// The locks the fork handlers hold across `fork` (see [`fork_hold`]).
+    #[cfg(not(any(loom, miri)))]
+    fork_holds: fork_hold::ForkHolds,
 }
 
 impl PoolCore {
@@ -100,12 +111,16 @@ impl PoolCore {
             table,
             shards,
             capture: CaptureRegistry::new(config.capture, resolved.capture_min_order),
-            signal: HintSignal::new(config.hint.high_water),
+            signal: HintSignal::new(config.hint.high_water, &registry::registry().doorbell),
             hint_counters: HintCounters::default(),
             advisor,
             config: *config,
             resolved,
             cache_limits: cache_limits(config.cache_blocks, resolved.max_order),
+            entry: registry::Entry::new(),
+            #[cfg(not(any(loom, miri)))]
+            fork_holds: fork_hold::ForkHolds::new(resolved.shards + 1, config.backing)
+                .map_err(BuildError::Map)?,
         })
     }
 
@@ -222,9 +237,71 @@ impl Drop for PoolCore {
             // SAFETY: dropped once, here, and nothing refers into the region any more: no
             // block is allocated, and the pool itself is going away.
             unsafe { std::mem::ManuallyDrop::drop(&mut self.region) };
+        } else {
+            // Live `Block`s still point into the region. They are safe handles, so their
+            // memory must stay valid: the region is leaked instead of unmapped, but every
+            // free byte of it goes back to the OS.
+            self.release_free_memory();
         }
-        // Otherwise live `Block`s still point into the region. They are safe handles, so
-        // their memory must stay valid: the region is leaked instead of unmapped.
+    }
+}
+
+impl PoolCore {
+    /// Gives every resident free range back with `MADV_DONTNEED` (for a pool dropped with
+    /// live blocks, whose region stays mapped for them). Walks the chunks ever handed out,
+    /// block by block, and advises each run of adjacent free blocks at once.
+    fn release_free_memory(&self) {
+        use crate::frame_table::{ChunkIdx, FrameState as S};
+        let max = self.resolved.max_order;
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        let mut run: Option<(u32, u32)> = None; // first frame, frames
+        for chunk in 0..self.table.chunks() {
+            let mut idx = ChunkIdx(chunk).head(max);
+            let end = idx.plus(1 << max);
+            if self.table.frame(idx).state() == S::Interior {
+                continue; // never handed out: never touched
+            }
+            while idx < end {
+                let (state, order) = self.table.frame(idx).get();
+                let resident_free = matches!(state, S::Unhinted | S::Hinted | S::Cached);
+                match (&mut run, resident_free) {
+                    (Some((start, len)), true) if *start + *len == idx.0 => *len += 1 << order,
+                    (_, true) => {
+                        if let Some((start, len)) = run.replace((idx.0, 1 << order)) {
+                            runs.push((start as usize, len as usize));
+                        }
+                    }
+                    (_, false) => {
+                        if let Some((start, len)) = run.take() {
+                            runs.push((start as usize, len as usize));
+                        }
+                    }
+                }
+                idx = idx.plus(1 << order);
+            }
+        }
+        runs.extend(run.map(|(start, len)| (start as usize, len as usize)));
+        let ranges: Vec<(usize, usize)> = runs
+            .iter()
+            .map(|&(start, len)| {
+                (
+                    self.frame_ptr(FrameIdx(start as u32)).as_ptr() as usize,
+                    len << FRAME_SHIFT,
+                )
+            })
+            .collect();
+        for batch in ranges.chunks(64) {
+            let mut ok = [false; 64];
+            // A failing advisor leaves memory resident, nothing worse; a panicking one must
+            // not unwind out of `drop`.
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                self.advisor.advise(
+                    batch,
+                    crate::config::HintMode::DontNeed,
+                    &mut ok[..batch.len()],
+                )
+            }));
+        }
     }
 }
 
@@ -235,18 +312,23 @@ impl PoolCore {
     /// shard lock.
     #[inline]
     pub(crate) fn unlock(&self, mut locked: Locked<'_>) {
-        let listed = locked.take_listed_hintable();
+        let news = locked.take_news();
         let shard = locked.shard();
         drop(locked);
-        if listed && self.signal.listening() {
-            self.note_unhinted(shard);
+        if (news.listed_hintable || news.cache_started) && self.signal.listening() {
+            self.note_news(shard, news);
         }
     }
 
     #[cold]
-    fn note_unhinted(&self, shard: &Shard) {
-        let unhinted =
-            shard.unhinted_at_or_above(self.resolved.hint_min_order, self.resolved.max_order);
-        self.signal.note_unhinted(unhinted);
+    fn note_news(&self, shard: &Shard, news: FreeNews) {
+        if news.cache_started {
+            // Cached blocks are not counted as unhinted; only a pass merges them.
+            self.signal.request();
+        } else {
+            let unhinted =
+                shard.unhinted_at_or_above(self.resolved.hint_min_order, self.resolved.max_order);
+            self.signal.note_unhinted(unhinted);
+        }
     }
 }

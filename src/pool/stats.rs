@@ -175,7 +175,7 @@ impl Stats {
             blocks_hinted_total: h.blocks_hinted.load(Relaxed),
             failures: h.failures.load(Relaxed),
             panics: h.panics.load(Relaxed),
-            thread_running: core.signal.listening(),
+            thread_running: super::registry::registry().hinting(core),
         };
         let c = &core.capture.counters;
         stats.capture = CaptureStats {

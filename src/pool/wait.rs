@@ -56,23 +56,13 @@ impl PoolCore {
         outcome
     }
 
-    /// Publishes a request, then tries every shard once more (see `capture`'s protocol).
-    fn publish_and_recheck(&self, order: u8) -> (Arc<Request>, Option<FrameIdx>) {
-        let request = self.capture.publish(order);
-        // Cached small blocks may merge into what we wait for: merge them now, under
-        // capture, so any block they form is handed straight to a waiter.
-        self.drain_caches();
-        let block = match self.alloc_frame(order, false, None) {
-            Ok((idx, _)) => {
-                if let Some(extra) = self.capture.withdraw(&request) {
-                    // A block arrived between publish and re-check: give it back.
-                    let _ = self.free_frame(extra, Some(order));
-                }
-                Some(idx)
-            }
-            Err(_) => None,
-        };
-        (request, block)
+    /// Frees the pool has seen so far (all shards, all orders; monotonic): a reclaim
+    /// callback that claims progress but leaves this unchanged freed nothing.
+    fn frees_so_far(&self) -> u64 {
+        self.all_shards()
+            .flat_map(|s| s.counters.iter())
+            .map(|c| c.freed.load(Ordering::Relaxed))
+            .sum()
     }
 
     pub(crate) fn alloc_wait(&self, order: u8, timeout: Duration) -> Result<FrameIdx, AllocError> {
@@ -84,14 +74,14 @@ impl PoolCore {
         if order < self.capture.min_order() {
             return self.poll_until(order, deadline);
         }
-        let (request, block) = self.publish_and_recheck(order);
-        if let Some(block) = block {
-            return Ok(block);
-        }
+        let mut wait = match Wait::publish(self, order) {
+            Ok(idx) => return Ok(idx),
+            Err(wait) => wait,
+        };
         self.capture.counters.waits.fetch_add(1, Ordering::Relaxed);
-        let reserved = self.reserve_region(&request);
-        let filled = self.capture.wait(&request, deadline);
-        match self.finish_wait(&request, reserved, filled) {
+        wait.reserve();
+        let filled = self.capture.wait(&wait.request, deadline);
+        match wait.finish(filled) {
             // Handed over, perhaps just at the deadline: it is ours.
             Some(idx) => Ok(idx),
             None => {
@@ -110,8 +100,8 @@ impl PoolCore {
         self.capture.counters.waits.fetch_add(1, Ordering::Relaxed);
         let backoff = crossbeam_utils::Backoff::new();
         loop {
-            if let Ok(block) = self.alloc_plain(order) {
-                return Ok(block);
+            if let Ok(idx) = self.alloc_plain(order) {
+                return Ok(idx);
             }
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 self.capture
@@ -128,6 +118,8 @@ impl PoolCore {
         }
     }
 
+    /// See [`PagePool::alloc_with_reclaim`](crate::PagePool::alloc_with_reclaim). The
+    /// request and reservation are undone however the callback returns, panics included.
     pub(crate) fn alloc_with_reclaim(
         &self,
         order: u8,
@@ -137,53 +129,136 @@ impl PoolCore {
             Err(AllocError::Exhausted { .. }) => {}
             other => return other,
         }
-        let mut rounds = 0u32;
+        let mut rounds = Rounds::default();
         if order < self.capture.min_order() {
             // Too small to capture: reclaim and retry plainly.
-            loop {
-                if !reclaim() {
-                    return Err(AllocError::ReclaimFailed { order, rounds });
-                }
-                rounds += 1;
-                self.capture
-                    .counters
-                    .reclaim_rounds
-                    .fetch_add(1, Ordering::Relaxed);
-                if let Ok(block) = self.alloc_plain(order) {
-                    return Ok(block);
+            while rounds.reclaim(self, &mut reclaim) {
+                if let Ok(idx) = self.alloc_plain(order) {
+                    return Ok(idx);
                 }
             }
+            return Err(AllocError::ReclaimFailed {
+                order,
+                rounds: rounds.count,
+            });
         }
-        let (request, block) = self.publish_and_recheck(order);
-        if let Some(block) = block {
-            return Ok(block);
-        }
-        let reserved = self.reserve_region(&request);
+        let mut wait = match Wait::publish(self, order) {
+            Ok(idx) => return Ok(idx),
+            Err(wait) => wait,
+        };
+        wait.reserve();
         let filled = loop {
-            let more = reclaim();
-            if more {
-                rounds += 1;
-                self.capture
-                    .counters
-                    .reclaim_rounds
-                    .fetch_add(1, Ordering::Relaxed);
-            }
+            let more = rounds.reclaim(self, &mut reclaim);
             // Frees inside the callback may have been captured for us already.
-            let filled = self.capture.wait(&request, Some(Instant::now()));
+            let filled = self.capture.wait(&wait.request, Some(Instant::now()));
             if filled.is_some() || !more {
                 break filled;
             }
         };
-        if let Some(idx) = self.finish_wait(&request, reserved, filled) {
+        if let Some(idx) = wait.finish(filled) {
             return Ok(idx);
         }
         // One last look: a block may have formed while no longer registered.
         self.alloc_plain(order)
-            .map_err(|_| AllocError::ReclaimFailed { order, rounds })
+            .map_err(|_| AllocError::ReclaimFailed {
+                order,
+                rounds: rounds.count,
+            })
     }
 
     /// An ordinary allocation of `order`, as a frame.
     fn alloc_plain(&self, order: u8) -> Result<FrameIdx, AllocError> {
         self.alloc_frame(order, false, None).map(|(idx, _)| idx)
+    }
+}
+
+/// Rounds after which a reclaim callback that says it freed something, but the pool saw
+/// no free, is taken at its deeds: `alloc_with_reclaim` gives up with `ReclaimFailed`.
+pub const RECLAIM_STALL_ROUNDS: u32 = 64;
+
+/// How a reclaim loop is going.
+#[derive(Default)]
+struct Rounds {
+    /// Callback calls that reported progress.
+    count: u32,
+    /// Those in a row that freed nothing the pool saw.
+    stalled: u32,
+}
+
+impl Rounds {
+    /// Runs the callback once; whether to go on: it reported progress, and the pool saw a
+    /// free within the last [`RECLAIM_STALL_ROUNDS`] rounds.
+    fn reclaim(&mut self, core: &PoolCore, reclaim: &mut impl FnMut() -> bool) -> bool {
+        let before = core.frees_so_far();
+        if !reclaim() {
+            return false;
+        }
+        self.count = self.count.saturating_add(1);
+        core.capture
+            .counters
+            .reclaim_rounds
+            .fetch_add(1, Ordering::Relaxed);
+        if core.frees_so_far() == before {
+            self.stalled += 1;
+        } else {
+            self.stalled = 0;
+        }
+        self.stalled < RECLAIM_STALL_ROUNDS
+    }
+}
+
+/// A published request and the region it reserved. Finishing it, or unwinding past it (a
+/// panicking reclaim callback), withdraws the request, ends the reservation and frees a
+/// block handed over that nobody took, so nothing is left behind.
+struct Wait<'a> {
+    core: &'a PoolCore,
+    request: Arc<Request>,
+    reserved: Option<usize>,
+    finished: bool,
+}
+
+impl<'a> Wait<'a> {
+    /// Publishes a request for `order`, then tries every shard once more (see `capture`'s
+    /// protocol). A block found then is returned at once, with the request withdrawn.
+    fn publish(core: &'a PoolCore, order: u8) -> Result<FrameIdx, Self> {
+        let wait = Self {
+            core,
+            request: core.capture.publish(order),
+            reserved: None,
+            finished: false,
+        };
+        // Cached small blocks may merge into what we wait for: merge them now, under
+        // capture, so any block they form is handed straight to a waiter.
+        core.drain_caches();
+        match core.alloc_plain(order) {
+            Ok(idx) => {
+                // A block handed over between publish and re-check goes back (by `Drop`).
+                drop(wait);
+                Ok(idx)
+            }
+            Err(_) => Err(wait),
+        }
+    }
+
+    /// Reserves the region of the request's order closest to whole, if allowed.
+    fn reserve(&mut self) {
+        self.reserved = self.core.reserve_region(&self.request);
+    }
+
+    /// Ends the wait; returns the block the request got, `filled` or handed over since.
+    fn finish(mut self, filled: Option<FrameIdx>) -> Option<FrameIdx> {
+        self.finished = true;
+        self.core.finish_wait(&self.request, self.reserved, filled)
+    }
+}
+
+impl Drop for Wait<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        if let Some(idx) = self.core.finish_wait(&self.request, self.reserved, None) {
+            let _ = self.core.free_frame(idx, Some(self.request.order()));
+        }
     }
 }

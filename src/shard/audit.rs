@@ -1,7 +1,7 @@
 //! The shard's half of the consistency audit: its lists against the frame table and its
 //! counters. Off the hot path; see `pool::audit` for the whole-pool walk.
 
-use super::{CLASSES, LISTS, Lists, Locked, NIL, ORDERS, ShardId};
+use super::{CLASSES, ISOLATED, LISTS, Lists, Locked, NIL, ORDERS, ShardId};
 use crate::frame_table::{FrameIdx, FrameState, FreeClass};
 use crate::sync::Ordering;
 
@@ -10,6 +10,8 @@ use crate::sync::Ordering;
 pub(crate) struct AuditCounts {
     pub(crate) free: [[u64; CLASSES]; ORDERS],
     pub(crate) cached: [u64; ORDERS],
+    /// Isolated blocks, per order (not free: the hinter holds them).
+    pub(crate) isolated: [u64; ORDERS],
     pub(crate) fresh_chunks: u64,
     pub(crate) first_fresh_chunk: u32,
 }
@@ -38,15 +40,24 @@ impl Locked<'_> {
                     let idx = FrameIdx(cursor);
                     let frame = table.frame(idx);
                     let (state, fo) = frame.get();
-                    let class = state.free_class().ok_or_else(|| {
-                        format!("{me:?}: frame {cursor} on a free list is {state:?}")
-                    })?;
+                    let class = if list == ISOLATED {
+                        if state != FrameState::Isolated {
+                            return Err(format!(
+                                "{me:?}: frame {cursor} on the isolated list is {state:?}"
+                            ));
+                        }
+                        FreeClass::Unhinted
+                    } else {
+                        state.free_class().ok_or_else(|| {
+                            format!("{me:?}: frame {cursor} on a free list is {state:?}")
+                        })?
+                    };
                     if fo != order {
                         return Err(format!(
                             "{me:?}: frame {cursor} of order {fo} on list of order {order}"
                         ));
                     }
-                    if self.list_of(idx, order, class) != list {
+                    if list != ISOLATED && self.list_of(idx, order, class) != list {
                         return Err(format!("{me:?}: {class:?} frame {cursor} on list {list}"));
                     }
                     if frame.prev() != prev {
@@ -62,7 +73,11 @@ impl Locked<'_> {
                             "{me:?}: frame {cursor} lies in a chunk owned by another shard"
                         ));
                     }
-                    counts.free[o][class as usize] += 1;
+                    if list == ISOLATED {
+                        counts.isolated[o] += 1;
+                    } else {
+                        counts.free[o][class as usize] += 1;
+                    }
                     prev = cursor;
                     cursor = frame.next();
                     steps += 1;
@@ -126,6 +141,11 @@ impl Locked<'_> {
                 "zero",
                 c.zero.load(Ordering::Acquire),
                 counts.free[order][FreeClass::Zero as usize],
+            )?;
+            check(
+                "in-flight",
+                c.in_flight.load(Ordering::Acquire),
+                counts.isolated[order],
             )?;
             check(
                 "cached",

@@ -23,8 +23,7 @@
 //! merges into a block of at least [`Env::handoff_min_order`] while [`Env::waiting`] is
 //! non-zero is offered to the layer above through the [`Handoff`] trait this module
 //! defines, and a free that lists an unhinted block at or above the hint order is
-//! reported by [`Locked::take_listed_hintable`], for the layer above to act on after
-//! unlocking.
+//! reported by [`Locked::take_news`], for the layer above to act on after unlocking.
 //!
 //! Layer 2. May call: `frame_table`, `config`, `error`, `sync`.
 
@@ -43,17 +42,28 @@ mod resize;
 pub(crate) use audit::AuditCounts;
 pub(crate) use counters::OrderCounters;
 use counters::{DEC, bump};
-pub(crate) use isolate::Isolation;
+pub(crate) use isolate::{Budget, Isolation};
 use reservation::Reservations;
 
 /// Orders with list heads: 0..=MAX_SUPPORTED_ORDER (smaller under loom, to keep models small).
 pub(crate) const ORDERS: usize = crate::MAX_SUPPORTED_ORDER as usize + 1;
 /// Every order below the maximum can have a cache of unmerged blocks.
 pub(crate) const CACHE_ORDERS: usize = ORDERS;
-/// The list, after the class lists, of free pieces inside capture reservations.
+/// The list, after the class lists, of free pieces inside reserved regions.
 const RESERVED: usize = CLASSES;
-/// Lists per order: one per class, then [`RESERVED`].
-const LISTS: usize = CLASSES + 1;
+/// The list of isolated blocks (neither free nor allocated), so that they can be found
+/// again without walking the frame table: by the audit, and after `fork`, where the
+/// thread that isolated them does not exist.
+const ISOLATED: usize = CLASSES + 1;
+/// Lists per order: one per class, then [`RESERVED`] and [`ISOLATED`].
+const LISTS: usize = CLASSES + 2;
+
+/// The later of two free times (ms stamps of `now_ms`, which wrap every 49 days; their
+/// difference is exact up to 24.8 days, the longest hint delay a pool accepts).
+#[inline]
+pub(crate) fn later(a: u32, b: u32) -> u32 {
+    if (b.wrapping_sub(a) as i32) > 0 { b } else { a }
+}
 
 /// Allocation preference for ordinary allocations.
 pub(crate) const PREFER_RESIDENT: [FreeClass; CLASSES] =
@@ -90,13 +100,26 @@ struct Lists {
     nonempty: [u32; LISTS],
     cache_head: [u32; CACHE_ORDERS],
     cache_len: [u32; CACHE_ORDERS],
+    /// Blocks in the cache, all orders.
+    cached_blocks: u32,
     /// Chunks `fresh_next..fresh_end` were never handed out (shared shard only).
     fresh_next: u32,
     fresh_end: u32,
     /// Regions whose free pieces wait on the [`RESERVED`] list for a capture request.
     reservations: Reservations,
-    /// An unhinted block at or above the hint order was listed and not yet reported.
-    listed_hintable: bool,
+    /// What happened under the lock that the hinter may care about, not yet reported.
+    news: FreeNews,
+}
+
+/// What frees did under one shard lock that the layer above may act on once it unlocks
+/// (see [`Locked::take_news`]).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct FreeNews {
+    /// An unhinted block at or above the hint order was listed: it will turn cold.
+    pub(crate) listed_hintable: bool,
+    /// The shard's small-block cache went from empty to holding a block: its blocks turn
+    /// cold too, and only a hinting pass merges them if nothing else does.
+    pub(crate) cache_started: bool,
 }
 
 /// One buddy allocator. See the module docs.
@@ -139,10 +162,11 @@ impl Shard {
                 nonempty: [0; LISTS],
                 cache_head: [NIL; CACHE_ORDERS],
                 cache_len: [0; CACHE_ORDERS],
+                cached_blocks: 0,
                 fresh_next: 0,
                 fresh_end: fresh_chunks,
                 reservations: Reservations::default(),
-                listed_hintable: false,
+                news: FreeNews::default(),
             }),
             counters: std::array::from_fn(|_| OrderCounters::default()),
         };
@@ -160,6 +184,13 @@ impl Shard {
             shard: self,
             env,
         }
+    }
+
+    /// Takes the lock and keeps it until the returned hold is dropped, without the
+    /// operations of [`Locked`] (the fork handlers hold every lock across `fork`).
+    #[cfg(not(any(loom, miri)))]
+    pub(crate) fn hold(&self) -> ShardHold<'_> {
+        ShardHold(self.lists.lock())
     }
 
     /// Whether the counters (read without the lock) show a free block of `order` and
@@ -181,6 +212,10 @@ impl Shard {
             .sum()
     }
 }
+
+/// A shard lock held with nothing to do but release it; see `Shard::hold`.
+#[cfg(not(any(loom, miri)))]
+pub(crate) struct ShardHold<'a>(#[allow(dead_code)] MutexGuard<'a, Lists>);
 
 /// A locked shard: every list operation goes through here.
 pub(crate) struct Locked<'a> {
@@ -207,12 +242,12 @@ impl<'a> Locked<'a> {
         &self.shard.counters[order as usize]
     }
 
-    /// Whether an unhinted block at or above the hint order was listed (by a free, a merge,
-    /// a failed isolation coming back) since the last call: the layer above may want to
-    /// hint it once it is cold. Clears the report.
+    /// What frees did since the last call that the hinter may care about: an unhinted block
+    /// at or above the hint order was listed (by a free, a merge, a failed isolation coming
+    /// back), or the small-block cache started filling. Clears the report.
     #[inline]
-    pub(crate) fn take_listed_hintable(&mut self) -> bool {
-        std::mem::take(&mut self.lists.listed_hintable)
+    pub(crate) fn take_news(&mut self) -> FreeNews {
+        std::mem::take(&mut self.lists.news)
     }
 
     /// The shard this lock belongs to.
@@ -475,24 +510,33 @@ impl<'a> Locked<'a> {
     pub(crate) fn free(&mut self, idx: FrameIdx, order: u8) {
         bump(&self.counters(order).allocated, DEC);
         let o = order as usize;
+        let now = crate::sync::now_ms();
         // The one extra cost of capture when nobody waits: a relaxed load.
         let capture_waiting = self.env.waiting.load(Ordering::Relaxed) != 0;
         let limit = self.env.cache_limits[o];
         // The shared pool has no cache: nothing would drain it (it holds a block smaller than
         // a chunk only when capture took part of a chunk returning from the hinter).
         if limit > 0 && !capture_waiting && self.shard.id != ShardId::Shared {
-            self.cache_push(idx, order);
+            self.cache_push(idx, order, now);
             if self.lists.cache_len[o] > limit {
                 // Merge the older half back so the cache keeps the hottest blocks.
                 self.drain_cache_order(order, limit / 2);
             }
             return;
         }
-        self.insert_free(idx, order, FreeClass::Unhinted);
+        self.insert_free(idx, order, FreeClass::Unhinted, now);
     }
 
-    /// Puts a free block into the buddy lists, merging it with free buddies first.
-    pub(crate) fn insert_free(&mut self, mut idx: FrameIdx, mut order: u8, mut class: FreeClass) {
+    /// Puts a free block that became free at `since` (ms, `now_ms`) into the buddy lists,
+    /// merging it with free buddies first. A merged block is as warm as its warmest part:
+    /// it keeps the latest `since` of the two.
+    pub(crate) fn insert_free(
+        &mut self,
+        mut idx: FrameIdx,
+        mut order: u8,
+        mut class: FreeClass,
+        mut since: u32,
+    ) {
         let table = self.env.table;
         while order < self.env.max_order {
             let buddy = idx.buddy(order);
@@ -505,6 +549,7 @@ impl<'a> Locked<'a> {
             }
             self.unlink(buddy, order, buddy_class);
             class = class.merge(buddy_class);
+            since = later(since, table.frame(buddy).since());
             let (lower, upper) = if buddy < idx {
                 (buddy, idx)
             } else {
@@ -514,12 +559,12 @@ impl<'a> Locked<'a> {
             idx = lower;
             order += 1;
         }
-        self.place(idx, order, class);
+        self.place(idx, order, class, since);
     }
 
     /// Puts a merged free block where it belongs: to a waiting capture request, or on a
     /// list (and, for a whole surplus chunk, to the shared pool).
-    fn place(&mut self, idx: FrameIdx, order: u8, class: FreeClass) {
+    fn place(&mut self, idx: FrameIdx, order: u8, class: FreeClass, since: u32) {
         let env = self.env;
         // A reserved region just became whole: it belongs to the request that reserved it,
         // if that one still waits. Either hand-off marks the block allocated before the
@@ -531,7 +576,7 @@ impl<'a> Locked<'a> {
                     self.mark_allocated(region.start, region.order)
                 })
         {
-            self.carve(idx, order, region.start, region.order, class);
+            self.carve(idx, order, region.start, region.order, class, since);
             return;
         }
         if order >= env.handoff_min_order
@@ -540,15 +585,14 @@ impl<'a> Locked<'a> {
                 .handoff
                 .offer(idx, order, &mut |wanted| self.mark_allocated(idx, wanted))
         {
-            self.carve(idx, order, idx, wanted, class);
+            self.carve(idx, order, idx, wanted, class, since);
             return;
         }
-        let hintable = class == FreeClass::Unhinted && order >= env.hint_min_order;
-        if hintable {
-            env.table.frame(idx).set_since(crate::sync::now_ms());
-        }
+        env.table.frame(idx).set_since(since);
         self.push(idx, order, class);
-        self.lists.listed_hintable |= hintable;
+        if class == FreeClass::Unhinted && order >= env.hint_min_order {
+            self.lists.news.listed_hintable = true;
+        }
         if order == env.max_order && self.shard.id != ShardId::Shared {
             let whole = self.counters(order).free();
             if whole > env.keep_chunks as u64 {
@@ -557,9 +601,9 @@ impl<'a> Locked<'a> {
         }
     }
 
-    /// Places the rest of the free block `(idx, order)` once its part `(target,
-    /// target_order)` was handed to a waiter (and marked allocated), halving towards the
-    /// target.
+    /// Places the rest of the free block `(idx, order)`, free since `since`, once its part
+    /// `(target, target_order)` was handed to a waiter (and marked allocated), halving
+    /// towards the target. The pieces are exactly as warm as the block they came from.
     fn carve(
         &mut self,
         idx: FrameIdx,
@@ -567,8 +611,8 @@ impl<'a> Locked<'a> {
         target: FrameIdx,
         target_order: u8,
         class: FreeClass,
+        since: u32,
     ) {
-        let since = self.env.table.frame(idx).since();
         let mut at = idx;
         for o in (target_order..order).rev() {
             let upper = at.plus(1 << o);
@@ -577,8 +621,7 @@ impl<'a> Locked<'a> {
             } else {
                 upper
             };
-            self.env.table.frame(rest).set_since(since);
-            self.place(rest, o, class);
+            self.place(rest, o, class, since);
         }
         debug_assert_eq!(at, target);
     }

@@ -217,6 +217,17 @@ impl Locked<'_> {
         }
     }
 
+    /// Ends every reservation (their requests are gone: a child after `fork`).
+    #[cfg_attr(any(loom, miri), allow(dead_code))] // fork handlers only
+    pub(crate) fn unreserve_all(&mut self) {
+        loop {
+            let Some(ticket) = self.lists.reservations.iter().next().map(|r| r.ticket) else {
+                return;
+            };
+            self.unreserve(ticket);
+        }
+    }
+
     /// Moves the free pieces of a region between their class lists and the reserved list.
     fn move_free_pieces(&mut self, start: FrameIdx, order: u8, to_reserved: bool) {
         // Relinking changes no frame's state or order, so the tiling stays readable.

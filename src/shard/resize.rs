@@ -49,8 +49,9 @@ impl Locked<'_> {
         debug_assert!(to <= from);
         bump(&self.counters(from).allocated, DEC);
         self.mark_allocated(idx, to);
+        let now = crate::sync::now_ms();
         for order in (to..from).rev() {
-            self.insert_free(idx.plus(1 << order), order, FreeClass::Unhinted);
+            self.insert_free(idx.plus(1 << order), order, FreeClass::Unhinted, now);
         }
     }
 }

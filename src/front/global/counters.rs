@@ -14,6 +14,7 @@ pub(super) struct Counters {
     pub(super) too_large: AtomicU64,
     pub(super) exhausted: AtomicU64,
     pub(super) nested: AtomicU64,
+    pub(super) deferred_frees: AtomicU64,
     pub(super) grown_in_place: AtomicU64,
     pub(super) shrunk_in_place: AtomicU64,
     pub(super) moved_within_pool: AtomicU64,
@@ -30,6 +31,7 @@ impl Counters {
             too_large: AtomicU64::new(0),
             exhausted: AtomicU64::new(0),
             nested: AtomicU64::new(0),
+            deferred_frees: AtomicU64::new(0),
             grown_in_place: AtomicU64::new(0),
             shrunk_in_place: AtomicU64::new(0),
             moved_within_pool: AtomicU64::new(0),
@@ -67,6 +69,9 @@ pub struct PoolAllocStats {
     /// Requests made from inside the pool (while building it, or during `fork`) and
     /// served by the fallback.
     pub nested: u64,
+    /// Pool blocks freed by a thread that could not take a pool lock (inside the pool
+    /// already), and freed later by the next pool operation.
+    pub deferred_frees: u64,
     /// `realloc`s that grew a pool block in place (its buddies were free).
     pub grown_in_place: u64,
     /// `realloc`s that shrank a pool block in place.
@@ -97,8 +102,8 @@ impl fmt::Display for PoolAllocStats {
         )?;
         writeln!(
             f,
-            "  to fallback: {} too large, {} exhausted, {} nested",
-            self.too_large, self.exhausted, self.nested
+            "  to fallback: {} too large, {} exhausted, {} nested; {} frees deferred",
+            self.too_large, self.exhausted, self.nested, self.deferred_frees
         )?;
         write!(
             f,

@@ -1,29 +1,47 @@
 //! Lazy, allocation-free initialisation: exactly one thread builds the pool, the others
 //! wait; a failure or a panic is remembered, and a child forked mid-build starts over.
+//!
+//! The state word holds the phase in its low byte and, while building, the id of the
+//! process that builds in the bits above, written by the same compare-and-swap that claims
+//! the build: a child forked at any instant of the build sees whose build it was.
+//!
+//! The pool core lives in a mapping of its own, not inside the adapter: the process's
+//! registry of pools (fork handlers, hinter thread) knows it by address, and an adapter
+//! that is not a `static` may be moved.
 
 use std::alloc::GlobalAlloc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crossbeam_utils::Backoff;
 
+use super::PoolAlloc;
 use super::reentry::Reentry;
-use super::{PoolAlloc, current_pid};
+use crate::config::Backing;
 use crate::error::BuildError;
 use crate::os::machine::cpu_count;
+use crate::os::mapping::MetaArray;
 use crate::pool::PoolCore;
+use crate::pool::registry::registry;
+use crate::sync::process_id;
 
-pub(super) const UNINIT: u8 = 0;
-pub(super) const INITIALISING: u8 = 1;
-pub(super) const READY: u8 = 2;
-pub(super) const FAILED: u8 = 3;
+pub(super) const UNINIT: u64 = 0;
+pub(super) const INITIALISING: u64 = 1;
+pub(super) const READY: u64 = 2;
+pub(super) const FAILED: u64 = 3;
 /// Building the pool panicked: like FAILED, without a stored error.
-pub(super) const PANICKED: u8 = 4;
+pub(super) const PANICKED: u64 = 4;
+
+/// The phase of a state word.
+#[inline]
+pub(super) fn phase(state: u64) -> u64 {
+    state & 0xff
+}
 
 /// What [`PoolAlloc::init`] reports after building the pool panicked.
-static INIT_PANICKED: BuildError = BuildError::InvalidSetting("building the pool panicked");
+static INIT_PANICKED: BuildError = BuildError::Panicked;
 
 /// Marks the pool as failed if building it unwinds, so no thread spins on it forever.
-struct InitUnwind<'a>(&'a AtomicU8);
+struct InitUnwind<'a>(&'a AtomicU64);
 
 impl Drop for InitUnwind<'_> {
     fn drop(&mut self) {
@@ -32,18 +50,13 @@ impl Drop for InitUnwind<'_> {
 }
 
 impl<F: GlobalAlloc> PoolAlloc<F> {
-    // --- the pool's life cycle ---------------------------------------------------------
-
-    /// The pool, if built.
+    /// The pool, if built: one load.
     #[inline]
     pub(super) fn ready_core(&self) -> Option<&PoolCore> {
-        if self.state.load(Ordering::Acquire) == READY {
-            // SAFETY: READY is stored (release) only after `core` was written, and the
-            // core is never written again while `self` lives.
-            Some(unsafe { (*self.core.get()).assume_init_ref() })
-        } else {
-            None
-        }
+        let core = self.core.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer was stored (release) after the core was built in its
+        // mapping, which lives as long as `self`.
+        unsafe { core.as_ref() }
     }
 
     /// The pool, building it if needed. The caller must be inside a [`Reentry`] guard, so
@@ -57,32 +70,33 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     }
 
     #[cold]
-    pub(super) fn init_slow(&self) -> Option<&PoolCore> {
+    fn init_slow(&self) -> Option<&PoolCore> {
         let backoff = Backoff::new();
         let mut spins = 0u32;
+        let claim = INITIALISING | (process_id() as u64) << 8;
         loop {
-            match self.state.compare_exchange(
-                UNINIT,
-                INITIALISING,
-                Ordering::Acquire,
-                Ordering::Acquire,
-            ) {
+            match self
+                .state
+                .compare_exchange(UNINIT, claim, Ordering::Acquire, Ordering::Acquire)
+            {
                 Ok(_) => return self.initialise(),
-                Err(READY) => return self.ready_core(),
-                Err(FAILED | PANICKED) => return None,
-                Err(_) => {
-                    // Another thread builds the pool; building maps memory and takes
-                    // microseconds, so spin, then yield.
-                    if backoff.is_completed() {
-                        std::thread::yield_now();
-                        spins += 1;
-                        if spins.is_multiple_of(64) {
-                            self.recover_forked_init();
+                Err(state) => match phase(state) {
+                    READY => return self.ready_core(),
+                    FAILED | PANICKED => return None,
+                    _ => {
+                        // Another thread builds the pool; building maps memory and takes
+                        // microseconds, so spin, then yield.
+                        if backoff.is_completed() {
+                            std::thread::yield_now();
+                            spins += 1;
+                            if spins.is_multiple_of(64) {
+                                self.recover_forked_init(state);
+                            }
+                        } else {
+                            backoff.snooze();
                         }
-                    } else {
-                        backoff.snooze();
                     }
-                }
+                },
             }
         }
     }
@@ -90,35 +104,42 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     /// A child forked while the parent was building the pool: nobody will finish it here.
     /// Start over (what the parent had mapped stays mapped and unused in the child).
     #[cold]
-    pub(super) fn recover_forked_init(&self) {
-        let builder = self.init_pid.load(Ordering::Acquire);
-        if builder != 0 && builder != current_pid() {
-            let _ = self.state.compare_exchange(
-                INITIALISING,
-                UNINIT,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            );
+    fn recover_forked_init(&self, state: u64) {
+        if (state >> 8) as u32 != process_id() {
+            let _ = self
+                .state
+                .compare_exchange(state, UNINIT, Ordering::AcqRel, Ordering::Acquire);
         }
     }
 
     #[cold]
-    pub(super) fn initialise(&self) -> Option<&PoolCore> {
-        self.init_pid.store(current_pid(), Ordering::Release);
+    fn initialise(&self) -> Option<&PoolCore> {
         let mut config = self.config.hint_thread(false);
         if config.shards.is_none() {
             config = config.shards(cpu_count());
         }
         let unwind = InitUnwind(&self.state);
-        let built = PoolCore::new(&config);
+        let built = PoolCore::new(&config).and_then(|core| {
+            let mut core = Some(core);
+            MetaArray::new(1, Backing::Mmap, false, |_| {
+                core.take().expect("one element")
+            })
+            .map_err(BuildError::Map)
+        });
         std::mem::forget(unwind);
         match built {
-            Ok(core) => {
-                // SAFETY: we won UNINIT -> INITIALISING, so no other thread reads or
-                // writes `core` until the release store below.
-                unsafe { (*self.core.get()).write(core) };
+            Ok(home) => {
+                // SAFETY: we won UNINIT -> INITIALISING, so no other thread reads or writes
+                // `home` until the release stores below.
+                let home = unsafe { (*self.home.get()).write(home) };
+                let core: &PoolCore = &home[0];
+                // SAFETY: the mapping keeps the core at this address until `Drop`, which
+                // leaves the registry first.
+                unsafe { registry().join(core) };
+                self.core
+                    .store(core as *const PoolCore as *mut _, Ordering::Release);
                 self.state.store(READY, Ordering::Release);
-                self.ready_core()
+                Some(core)
             }
             Err(err) => {
                 // SAFETY: as above, for `error`, published by the FAILED store.
@@ -139,17 +160,15 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     pub fn init(&self) -> Result<(), &BuildError> {
         let built = match Reentry::enter() {
             Some(_guard) => self.core_or_init().is_some(),
-            // Called from inside the pool on this thread (another atfork handler, say):
-            // building here could wait for ourselves, so only report.
+            // Called from inside the pool on this thread (a fork handler, say): building
+            // here could wait for ourselves, so only report.
             None => self.ready_core().is_some(),
         };
         if built {
             return Ok(());
         }
-        match self.state.load(Ordering::Acquire) {
-            // SAFETY: FAILED is stored (release) only after `error` was written.
-            FAILED => Err(unsafe { (*self.error.get()).assume_init_ref() }),
-            PANICKED => Err(&INIT_PANICKED),
+        match self.built() {
+            Some(Err(err)) => Err(err),
             // Re-entered from inside the pool on this thread: it is still being built.
             _ => Ok(()),
         }
@@ -157,10 +176,9 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
 
     /// The built pool, or why building it failed, or `None` if it is not built yet.
     pub(super) fn built(&self) -> Option<Result<&PoolCore, &BuildError>> {
-        match self.state.load(Ordering::Acquire) {
-            // SAFETY: as in `ready_core`.
-            READY => Some(Ok(unsafe { (*self.core.get()).assume_init_ref() })),
-            // SAFETY: as in `init`.
+        match phase(self.state.load(Ordering::Acquire)) {
+            READY => self.ready_core().map(Ok),
+            // SAFETY: FAILED is stored (release) only after `error` was written.
             FAILED => Some(Err(unsafe { (*self.error.get()).assume_init_ref() })),
             PANICKED => Some(Err(&INIT_PANICKED)),
             _ => None,

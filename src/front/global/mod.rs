@@ -14,9 +14,10 @@
 //!   block).
 //!
 //! # Initialisation
-//! The pool is created on the first request that should go to it. A three-state atomic
-//! (uninitialised, initialising, ready/failed) lets exactly one thread build it; others
-//! spin with [`Backoff`] until it is ready. With [`Backing::Mmap`](crate::Backing::Mmap)
+//! The pool is created on the first request that should go to it. A state word
+//! (uninitialised, initialising with the builder's process id, ready/failed) lets exactly
+//! one thread build it; others spin with `Backoff` until it is ready. The pool then joins
+//! the process's registry of pools, which installs the fork handlers. With [`Backing::Mmap`](crate::Backing::Mmap)
 //! (the default) region, frame table and shard array are mapped with `mmap` directly, and
 //! the shard count is read with `sched_getaffinity` instead of
 //! `std::thread::available_parallelism` (which reads cgroup files into heap buffers), so
@@ -26,15 +27,18 @@
 //!
 //! # Re-entrancy
 //! A `thread_local!` `Cell<bool>` with a `const` initialiser and no destructor marks a
-//! thread that is inside the pool (building it, or holding its locks across `fork`).
-//! Requests made by such a thread go straight to the fallback. Such a thread-local needs
-//! no registration and is usable even while other thread-locals are being destroyed.
-//! Nothing on the adapter's `alloc`/`dealloc`/`realloc` paths spawns threads, boxes
-//! closures or touches lazily allocated thread-locals.
+//! thread that is inside the pool: building it, or in any pool operation that takes a lock
+//! (`alloc`, `dealloc` and `realloc` alike), or holding every pool lock in a fork handler.
+//! Such a thread must not take a pool lock again (it could wait for itself: a panic
+//! message allocated under a shard lock, a free from another library's fork handler).
+//! Its allocations go straight to the fallback; its frees of pool blocks are deferred: the
+//! block goes on a lock-free list (its first word links it) that the next pool operation
+//! on any thread frees. Such a thread-local needs no registration and is usable even while
+//! other thread-locals are being destroyed. Nothing on the adapter's paths spawns threads,
+//! boxes closures or touches lazily allocated thread-locals.
 
 mod control;
 mod counters;
-mod fork;
 mod init;
 mod reentry;
 
@@ -43,20 +47,21 @@ use std::cell::UnsafeCell;
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::ptr;
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 
 use crate::config::PoolBuilder;
 use crate::error::{AllocError, BuildError};
 use crate::frame_table::FreeClass;
+use crate::os::mapping::MetaArray;
 use crate::pool::PoolCore;
+use crate::pool::registry::{in_fork_handler, registry};
 use crate::{FRAME_SIZE, order_for};
 
 pub use counters::PoolAllocStats;
 use counters::{Counters, bump};
-use init::{FAILED, READY, UNINIT};
+use init::{FAILED, READY, UNINIT, phase};
 use reentry::Reentry;
 
 /// Requests of at least this many bytes go to the pool: half a page. See the module docs.
@@ -116,41 +121,33 @@ pub const GLOBAL_MAX_ORDER: u8 = 13;
 /// `MADV_DONTNEED`) and then skips the `memset`.
 ///
 /// # fork
-/// After `fork` the child has only the thread that forked: the hinter thread does not exist
-/// there. Allocation keeps working in the child; [`start_hinter`](Self::start_hinter)
-/// notices the changed process id and starts a new hinter (and
-/// [`hinter_running`](Self::hinter_running) reports `false` until then). Blocks the parent's
-/// hinter had isolated for a system call at the moment of the fork stay isolated (unused)
-/// in the child: at most one batch (`hint_batch_blocks`, 32 by default).
-///
-/// Locks: if another thread held a shard lock at the moment of the fork, the child would
-/// inherit it locked forever. [`install_fork_handlers`](Self::install_fork_handlers)
-/// (done by `start_hinter`) registers `pthread_atfork` handlers that take every shard lock
-/// before the fork and release them in parent and child afterwards, like glibc's `malloc`
-/// does with its arenas. Without them, fork only from a process where no other thread
-/// allocates, or exec right away. A thread that forks while inside `start_hinter` or
-/// `stop_hinter` on another thread can leave the child unable to restart the hinter.
+/// `fork` is safe without any call: when the pool is built it joins the process's registry
+/// of pools, whose `pthread_atfork` handlers take every pool lock before `fork` and
+/// release them in parent and child, like glibc's `malloc` does with its arenas. The child
+/// has only the forking thread: blocks the parent's hinter had isolated go back to the
+/// lists there, and no hinter thread runs until [`start_hinter`](Self::start_hinter) is
+/// called in the child ([`hinter_running`](Self::hinter_running) says `false` until then).
 pub struct PoolAlloc<F: GlobalAlloc = System> {
     config: PoolBuilder,
     min_size: usize,
     fallback: F,
-    state: AtomicU8,
+    /// The phase (low byte) and, while initialising, the builder's process id.
+    state: AtomicU64,
     enabled: AtomicBool,
-    /// The process that started building the pool (fork detection while initialising).
-    init_pid: AtomicU32,
-    core: UnsafeCell<MaybeUninit<PoolCore>>,
+    /// The built pool (null before): in `home`, a mapping of its own.
+    core: AtomicPtr<PoolCore>,
+    home: UnsafeCell<MaybeUninit<MetaArray<PoolCore>>>,
     error: UnsafeCell<MaybeUninit<BuildError>>,
-    hinter: Mutex<Option<std::thread::JoinHandle<()>>>,
-    /// The process the hinter thread runs in; 0 when none was started.
-    hinter_pid: AtomicU32,
-    fork_handlers: AtomicBool,
+    /// Pool blocks freed by a thread that could not take a pool lock, linked through their
+    /// first word; the next pool operation frees them.
+    deferred: AtomicPtr<u8>,
     counters: CachePadded<Counters>,
 }
 
-// SAFETY: `core` and `error` are written once, by the thread that wins the UNINIT ->
-// INITIALISING transition, before a release store of READY or FAILED; every read follows
-// an acquire load of that state. PoolCore is Sync (it is shared through Arc by PagePool),
-// the other fields are atomics or a Mutex, and the fallback is shared only if it is Sync.
+// SAFETY: `home` and `error` are written once, by the thread that wins the UNINIT ->
+// INITIALISING transition, before a release store of `core` or of FAILED; every read
+// follows an acquire load of those. PoolCore is Sync (PagePool shares it between threads),
+// the other fields are atomics, and the fallback is shared only if it is Sync.
 unsafe impl<F: GlobalAlloc + Sync> Sync for PoolAlloc<F> {}
 // SAFETY: as above; moving the adapter moves the fallback, hence `F: Send`.
 unsafe impl<F: GlobalAlloc + Send> Send for PoolAlloc<F> {}
@@ -181,14 +178,12 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             config: config.hint_thread(false),
             min_size: DEFAULT_MIN_POOL_SIZE,
             fallback,
-            state: AtomicU8::new(UNINIT),
+            state: AtomicU64::new(UNINIT),
             enabled: AtomicBool::new(true),
-            init_pid: AtomicU32::new(0),
-            core: UnsafeCell::new(MaybeUninit::uninit()),
+            core: AtomicPtr::new(ptr::null_mut()),
+            home: UnsafeCell::new(MaybeUninit::uninit()),
             error: UnsafeCell::new(MaybeUninit::uninit()),
-            hinter: Mutex::new(None),
-            hinter_pid: AtomicU32::new(0),
-            fork_handlers: AtomicBool::new(false),
+            deferred: AtomicPtr::new(ptr::null_mut()),
             counters: CachePadded::new(Counters::new()),
         }
     }
@@ -245,11 +240,12 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     /// Allocates from the pool; `None` sends the request to the fallback.
     #[inline]
     fn alloc_pool(&self, order: u8, size: usize, zero: bool) -> Option<*mut u8> {
-        let Some(_guard) = Reentry::enter() else {
+        let Some(_guard) = self.enter() else {
             bump(&self.counters.nested);
             return None;
         };
         let core = self.core_or_init()?;
+        self.free_deferred(core);
         match core.alloc_frame(order, zero, None) {
             Ok((idx, class)) => {
                 let ptr = core.frame_ptr(idx).as_ptr();
@@ -273,15 +269,73 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         }
     }
 
-    /// Frees a pool block by address.
+    /// Marks this thread as inside the pool, unless it already is (or holds every pool
+    /// lock in a fork handler): then it must not take a pool lock.
+    #[inline]
+    fn enter(&self) -> Option<Reentry> {
+        let guard = Reentry::enter()?;
+        if in_fork_handler() {
+            return None;
+        }
+        Some(guard)
+    }
+
+    /// Frees a pool block by address; deferred when this thread may not take a pool lock.
     #[inline]
     fn free_pool(&self, core: &PoolCore, ptr: *mut u8) {
+        let Some(_guard) = self.enter() else {
+            self.defer_free(ptr);
+            return;
+        };
+        self.free_deferred(core);
+        self.free_now(core, ptr);
+    }
+
+    /// Frees a pool block; the caller is inside the pool.
+    fn free_now(&self, core: &PoolCore, ptr: *mut u8) {
         let freed = core
             .frame_of(ptr)
             .and_then(|idx| core.free_frame(idx, None));
         match freed {
             Ok(_) => bump(&self.counters.pool_frees),
             Err(_) => fatal(b"pagepool: dealloc of a pointer that is not an allocated pool block (double free?)\n"),
+        }
+    }
+
+    /// Puts a pool block on the deferred list. Lock-free: a push links the block through
+    /// its first word (a pool block is at least 4 KiB and no longer anyone's).
+    #[cold]
+    fn defer_free(&self, ptr: *mut u8) {
+        let mut head = self.deferred.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: the block is being freed, so its bytes are ours to write, and a pool
+            // block is aligned for a pointer.
+            unsafe { ptr.cast::<*mut u8>().write(head) };
+            match self.deferred.compare_exchange_weak(
+                head,
+                ptr,
+                Ordering::Release,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => break,
+                Err(now) => head = now,
+            }
+        }
+        bump(&self.counters.deferred_frees);
+    }
+
+    /// Frees the deferred blocks, if any; the caller is inside the pool.
+    #[inline]
+    fn free_deferred(&self, core: &PoolCore) {
+        if self.deferred.load(Ordering::Relaxed).is_null() {
+            return;
+        }
+        let mut at = self.deferred.swap(ptr::null_mut(), Ordering::Acquire);
+        while !at.is_null() {
+            // SAFETY: written by `defer_free` before the release that our acquire saw.
+            let next = unsafe { at.cast::<*mut u8>().read() };
+            self.free_now(core, at);
+            at = next;
         }
     }
 
@@ -307,31 +361,50 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             Err(_) => fatal(b"pagepool: realloc of a pointer that is not a pool block\n"),
         };
         let new_order = order_for(new_size, align).filter(|&o| o <= core.max_order());
-        if let Some(new_order) = new_order {
-            if new_order == old_order {
-                return ptr;
+        {
+            let Some(_inside) = self.enter() else {
+                // Inside the pool already: no lock may be taken, so no resize in place
+                // either; the old block's free is deferred.
+                // SAFETY: as below.
+                return unsafe { self.move_to_fallback(ptr, layout, new_size) };
+            };
+            match new_order {
+                Some(order) if order == old_order => return ptr,
+                Some(order) if order < old_order => {
+                    core.shrink_frame(idx, old_order, order);
+                    bump(&self.counters.shrunk_in_place);
+                    return ptr;
+                }
+                Some(order) if core.grow_frame(idx, old_order, order) => {
+                    bump(&self.counters.grown_in_place);
+                    return ptr;
+                }
+                _ => {}
             }
-            if new_order < old_order {
-                core.shrink_frame(idx, old_order, new_order);
-                bump(&self.counters.shrunk_in_place);
-                return ptr;
-            }
-            if core.grow_frame(idx, old_order, new_order) {
-                bump(&self.counters.grown_in_place);
-                return ptr;
-            }
-            if let Some(new) = self.alloc_pool(new_order, new_size, false) {
-                // SAFETY: both blocks are live, distinct, and hold at least
-                // `layout.size()` bytes.
-                unsafe { ptr::copy_nonoverlapping(ptr, new, layout.size()) };
-                self.free_pool(core, ptr);
-                bump(&self.counters.moved_within_pool);
-                return new;
-            }
+        } // `alloc_pool` and `free_pool` enter the pool themselves
+        if let Some(new_order) = new_order
+            && self.enabled.load(Ordering::Relaxed)
+            && let Some(new) = self.alloc_pool(new_order, new_size, false)
+        {
+            // SAFETY: both blocks are live, distinct, and hold at least `layout.size()`
+            // bytes.
+            unsafe { ptr::copy_nonoverlapping(ptr, new, layout.size()) };
+            self.free_pool(core, ptr);
+            bump(&self.counters.moved_within_pool);
+            return new;
         }
-        // Too large for the pool, or the pool is exhausted: move to the fallback.
-        // SAFETY: the caller guarantees `new_size` with `align` is a valid layout.
-        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, align) };
+        // Too large for the pool, the pool exhausted or switched off: move to the fallback.
+        // SAFETY: the caller's guarantees.
+        unsafe { self.move_to_fallback(ptr, layout, new_size) }
+    }
+
+    /// Moves the pool block `ptr` to a fallback allocation of `new_size`.
+    ///
+    /// # Safety
+    /// As for [`realloc_pool`](Self::realloc_pool).
+    unsafe fn move_to_fallback(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: the caller guarantees `new_size` with this alignment is a valid layout.
+        let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         // SAFETY: `new_layout` has a non-zero size.
         let new = unsafe { self.fallback.alloc(new_layout) };
         if new.is_null() {
@@ -339,7 +412,9 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         }
         // SAFETY: both allocations are live and distinct; copy what both hold.
         unsafe { ptr::copy_nonoverlapping(ptr, new, layout.size().min(new_size)) };
-        self.free_pool(core, ptr);
+        if let Some(core) = self.ready_core() {
+            self.free_pool(core, ptr);
+        }
         bump(&self.counters.moved_to_fallback);
         new
     }
@@ -357,11 +432,16 @@ impl<F: GlobalAlloc> fmt::Debug for PoolAlloc<F> {
 
 impl<F: GlobalAlloc> Drop for PoolAlloc<F> {
     fn drop(&mut self) {
-        // A `static` is never dropped; this is for adapters with shorter lives, which can
-        // have no hinter thread (`start_hinter` needs `&'static self`).
-        match *self.state.get_mut() {
-            // SAFETY: READY means `core` was initialised; `&mut self` means nobody uses it.
-            READY => unsafe { self.core.get_mut().assume_init_drop() },
+        // A `static` is never dropped; this is for adapters with shorter lives.
+        match phase(*self.state.get_mut()) {
+            READY => {
+                if let Some(core) = self.ready_core() {
+                    registry().leave(core);
+                }
+                // SAFETY: READY means `home` was initialised; `&mut self` means nobody
+                // uses it, and the core left the registry.
+                unsafe { self.home.get_mut().assume_init_drop() }
+            }
             // SAFETY: FAILED means `error` was initialised.
             FAILED => unsafe { self.error.get_mut().assume_init_drop() },
             _ => {}
@@ -441,10 +521,4 @@ fn fatal(msg: &[u8]) -> ! {
     // SAFETY: writes `msg.len()` bytes from a valid buffer to fd 2.
     unsafe { libc::write(2, msg.as_ptr().cast(), msg.len()) };
     std::process::abort()
-}
-
-/// The calling process's id (a system call: not for hot paths).
-fn current_pid() -> u32 {
-    // SAFETY: getpid has no preconditions.
-    unsafe { libc::getpid() as u32 }
 }

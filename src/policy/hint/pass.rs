@@ -1,13 +1,12 @@
-//! One hinting pass over a pool, and the hinter thread's loop around passes.
+//! One hinting pass over a pool, and when the next one is due.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::Duration;
 
-use super::HintSignal;
 use crate::config::HintConfig;
 use crate::frame_table::{FrameIdx, FreeClass};
 use crate::os::advice::{Advisor, HintMode};
-use crate::shard::Isolation;
+use crate::shard::{Budget, Isolation};
 use crate::sync::{AtomicU64, Ordering};
 
 /// Hinting counters, read by `stats()`.
@@ -27,7 +26,8 @@ pub(crate) struct PassOutcome {
     pub(crate) blocks: u64,
     pub(crate) bytes: u64,
     pub(crate) failures: u64,
-    /// The byte budget ran out with candidates left.
+    /// The byte budget ran out, or a candidate did not fit in what was left of it: the
+    /// next pass should come soon, after the interval.
     pub(crate) budget_spent: bool,
     /// Milliseconds until a too-warm candidate turns cold.
     pub(crate) next_cold_in: Option<u32>,
@@ -37,13 +37,14 @@ pub(crate) struct PassOutcome {
 pub(crate) trait HintTarget {
     /// The shards to visit, shared pool included.
     fn shard_count(&self) -> usize;
-    /// Isolates up to `max_blocks` cold blocks of shard `shard`.
+    /// Isolates up to `max_blocks` cold blocks of shard `shard` within `budget` (first
+    /// merging the shard's cached blocks that are cold: they are free memory too).
     fn isolate(
         &self,
         shard: usize,
         cold_ms: Option<u32>,
         max_blocks: usize,
-        budget_frames: &mut u64,
+        budget: &mut Budget,
         out: &mut Vec<(FrameIdx, u8)>,
     ) -> Isolation;
     /// Returns isolated blocks of shard `shard` (class `None`: the advice failed).
@@ -70,7 +71,7 @@ pub(crate) fn run_pass(
 ) -> PassOutcome {
     let config = *target.config();
     let counters = target.counters();
-    let mut budget_frames = budget_bytes / crate::FRAME_SIZE as u64;
+    let mut budget = Budget::new(budget_bytes / crate::FRAME_SIZE as u64);
     let mut outcome = PassOutcome::default();
     let mut batch = Vec::with_capacity(config.batch_blocks);
     let mut ranges = Vec::with_capacity(config.batch_blocks);
@@ -83,17 +84,14 @@ pub(crate) fn run_pass(
     'shards: for shard in 0..target.shard_count() {
         loop {
             batch.clear();
-            let isolation = target.isolate(
-                shard,
-                cold_ms,
-                config.batch_blocks,
-                &mut budget_frames,
-                &mut batch,
-            );
+            let isolation =
+                target.isolate(shard, cold_ms, config.batch_blocks, &mut budget, &mut batch);
             if let Some(wait) = isolation.next_cold_in {
                 outcome.next_cold_in =
                     Some(outcome.next_cold_in.map_or(wait, |w: u32| w.min(wait)));
             }
+            // A candidate that did not fit is work left: come back next pass, never "done".
+            outcome.budget_spent |= isolation.budget_hit;
             if batch.is_empty() {
                 break;
             }
@@ -135,7 +133,7 @@ pub(crate) fn run_pass(
                 // pass, not in a loop now.
                 break;
             }
-            if budget_frames < 1 << target.min_order() {
+            if budget.frames < 1 << target.min_order() {
                 outcome.budget_spent = true;
                 break 'shards;
             }
@@ -154,36 +152,20 @@ pub(crate) fn run_pass(
     outcome
 }
 
-/// The hinter thread's loop: sleep until requested, run passes until nothing is left or
-/// everything left is too warm, sleep again.
-pub(crate) fn hinter_main(target: &impl HintTarget, signal: &HintSignal) {
-    let config = *target.config();
-    let cold_ms = config.delay.as_millis().min(u32::MAX as u128 / 2) as u32;
-    while signal.wait_for_request() {
-        loop {
-            let outcome = run_pass(target, Some(cold_ms), config.pass_bytes as u64);
-            let pause = if outcome.budget_spent {
-                Some(config.interval)
-            } else {
-                // Come back when the next candidate turns cold (a little after, so it is).
-                outcome
-                    .next_cold_in
-                    .map(|ms| Duration::from_millis(ms as u64 + 5).max(config.interval))
-            };
-            match pause {
-                Some(pause) => {
-                    if !signal.pause(pause) {
-                        return;
-                    }
-                }
-                None => break,
-            }
-        }
-        signal.finish();
-        // Rate limit: frees that request a pass while one runs (or right after) are served
-        // an interval later, so a busy allocator cannot keep the thread spinning.
-        if !signal.pause(config.interval) {
-            return;
-        }
+/// When the pass after `outcome` is due, if any: after the interval when the budget ran
+/// out, when the next candidate turns cold (a little after, so it is), or never until a
+/// free asks again.
+pub(crate) fn next_pass(outcome: &PassOutcome, config: &HintConfig) -> Option<Duration> {
+    if outcome.budget_spent {
+        Some(config.interval)
+    } else {
+        outcome
+            .next_cold_in
+            .map(|ms| Duration::from_millis(ms as u64 + 5).max(config.interval))
     }
+}
+
+/// The hint delay in milliseconds (the builder caps it at 24 days, so it fits).
+pub(crate) fn cold_ms(config: &HintConfig) -> u32 {
+    config.delay.as_millis().min(u32::MAX as u128 / 2) as u32
 }

@@ -1,39 +1,94 @@
-//! The wake-up state machine of the hinter thread: three states in one atomic, so racing
-//! frees send at most one wake-up, and a condition variable to sleep on.
+//! How frees ask for a hinting pass: per pool, three states in one atomic (Linux's
+//! `page_reporting` state machine: idle, requested, active), so racing frees ring the
+//! process's [`Doorbell`] at most once; the hinter thread sleeps on the doorbell.
 
 use std::time::Duration;
 
 use crate::sync::{AtomicBool, AtomicU8, Condvar, Mutex, Ordering};
 
 /// No pass is requested.
-pub(crate) const IDLE: u8 = 0;
+const IDLE: u8 = 0;
 /// A pass is requested and the thread has not started it.
-pub(crate) const REQUESTED: u8 = 1;
-/// The thread is running passes.
-pub(crate) const ACTIVE: u8 = 2;
+const REQUESTED: u8 = 1;
+/// The thread is running passes for this pool.
+const ACTIVE: u8 = 2;
 
-/// Wakes the hinter thread; see the module docs.
-pub(crate) struct HintSignal {
-    state: AtomicU8,
-    /// A thread is running and wants requests.
-    listening: AtomicBool,
-    high_water: u64,
-    stop: Mutex<bool>,
+// === impl Doorbell ===
+
+/// Where the hinter thread sleeps: a flag and a condition variable. One per process,
+/// shared by every pool's [`HintSignal`].
+pub(crate) struct Doorbell {
+    rung: Mutex<bool>,
     wake: Condvar,
 }
 
-impl HintSignal {
-    pub(crate) fn new(high_water: usize) -> Self {
+impl Doorbell {
+    /// A doorbell nobody rang.
+    #[cfg(not(loom))]
+    pub(crate) const fn new() -> Self {
         Self {
-            state: AtomicU8::new(IDLE),
-            listening: AtomicBool::new(false),
-            high_water: high_water as u64,
-            stop: Mutex::new(false),
+            rung: Mutex::new(false),
             wake: Condvar::new(),
         }
     }
 
-    /// Whether a thread listens (frees skip counting otherwise).
+    /// A doorbell nobody rang.
+    #[cfg(loom)]
+    pub(crate) fn new() -> Self {
+        Self {
+            rung: Mutex::new(false),
+            wake: Condvar::new(),
+        }
+    }
+
+    /// Wakes the thread (or makes its next wait return at once).
+    pub(crate) fn ring(&self) {
+        *self.rung.lock() = true;
+        self.wake.notify_all();
+    }
+
+    /// Sleeps until rung, or `timeout` passes (`None`: no timeout). Clears the bell.
+    pub(crate) fn wait(&self, timeout: Option<Duration>) {
+        let mut rung = self.rung.lock();
+        if !*rung {
+            rung = match timeout {
+                Some(timeout) => self.wake.wait_timeout(rung, timeout),
+                None => self.wake.wait(rung),
+            };
+        }
+        *rung = false;
+    }
+
+    /// Takes the doorbell's lock, to hold across `fork` (so the child does not inherit it
+    /// locked by a thread that does not exist there).
+    #[cfg(not(loom))]
+    pub(crate) fn lock(&self) -> crate::sync::MutexGuard<'_, bool> {
+        self.rung.lock()
+    }
+}
+
+// === impl HintSignal ===
+
+/// One pool's wake-up state; see the module docs.
+pub(crate) struct HintSignal {
+    state: AtomicU8,
+    /// A thread serves this pool and wants requests (frees skip counting otherwise).
+    listening: AtomicBool,
+    high_water: u64,
+    doorbell: &'static Doorbell,
+}
+
+impl HintSignal {
+    pub(crate) fn new(high_water: usize, doorbell: &'static Doorbell) -> Self {
+        Self {
+            state: AtomicU8::new(IDLE),
+            listening: AtomicBool::new(false),
+            high_water: high_water as u64,
+            doorbell,
+        }
+    }
+
+    /// Whether a thread serves this pool.
     #[inline]
     pub(crate) fn listening(&self) -> bool {
         self.listening.load(Ordering::Relaxed)
@@ -47,73 +102,43 @@ impl HintSignal {
         }
     }
 
-    /// Requests a pass; wakes the thread only on the transition from idle.
+    /// Requests a pass; rings the doorbell only on the transition from idle.
     pub(crate) fn request(&self) {
         if self.state.load(Ordering::Relaxed) == REQUESTED {
             return;
         }
         if self.state.swap(REQUESTED, Ordering::AcqRel) == IDLE {
-            let _stop = self.stop.lock();
-            self.wake.notify_all();
+            self.doorbell.ring();
         }
     }
 
-    /// Marks the thread as started (again, after `stop`), with a pass requested: a thread
-    /// stopped mid-pass left the state active, and the new one must not wait for a wake-up
-    /// that the old state would swallow.
+    /// A thread serves this pool from now on; a first pass is requested, whatever state a
+    /// stopped or forked-away thread left (it must not wait for a wake-up that an old
+    /// "active" would swallow).
     pub(crate) fn start_listening(&self) {
-        *self.stop.lock() = false;
         self.state.store(REQUESTED, Ordering::Release);
         self.listening.store(true, Ordering::Release);
+        self.doorbell.ring();
     }
 
-    /// Takes the wake-up lock, for holding across `fork` (after the shard locks, which is
-    /// the order frees take them in).
-    #[cfg(not(loom))]
-    pub(crate) fn lock_for_fork(&self) -> crate::sync::MutexGuard<'_, bool> {
-        self.stop.lock()
-    }
-
-    /// Asks the thread to exit.
-    pub(crate) fn stop(&self) {
+    /// No thread serves this pool any more.
+    pub(crate) fn stop_listening(&self) {
         self.listening.store(false, Ordering::Release);
-        *self.stop.lock() = true;
-        self.wake.notify_all();
     }
 
-    /// Sleeps until a pass is requested; false when asked to stop.
-    pub(super) fn wait_for_request(&self) -> bool {
-        let mut stop = self.stop.lock();
-        loop {
-            if *stop {
-                return false;
-            }
-            if self.state.load(Ordering::Acquire) == REQUESTED {
-                self.state.store(ACTIVE, Ordering::Release);
-                return true;
-            }
-            stop = self.wake.wait(stop);
-        }
+    /// Whether a pass was requested; if so, the pool is now active (requests that arrive
+    /// while its passes run leave it requested, so they are served afterwards).
+    pub(crate) fn take_request(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == REQUESTED
+            && self
+                .state
+                .compare_exchange(REQUESTED, ACTIVE, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
     }
 
-    /// Sleeps for `pause` unless asked to stop; false when asked to stop.
-    pub(super) fn pause(&self, pause: Duration) -> bool {
-        let deadline = std::time::Instant::now() + pause;
-        let mut stop = self.stop.lock();
-        loop {
-            if *stop {
-                return false;
-            }
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if left.is_zero() {
-                return true;
-            }
-            stop = self.wake.wait_timeout(stop, left);
-        }
-    }
-
-    /// After a run of passes: back to idle unless a request came in meanwhile.
-    pub(super) fn finish(&self) {
+    /// After a run of passes with nothing left to do: back to idle, unless a request came
+    /// in meanwhile.
+    pub(crate) fn finish(&self) {
         let _ = self
             .state
             .compare_exchange(ACTIVE, IDLE, Ordering::AcqRel, Ordering::Acquire);
