@@ -514,3 +514,26 @@ fn counters_are_monotonic_and_their_difference_is_the_free_count() {
         now.capacity as u64
     );
 }
+
+#[test]
+fn small_zeroed_allocations_reuse_resident_blocks_instead_of_fresh_memory() {
+    // Known-zero memory is not resident: taking it for every small zeroed request would
+    // touch the whole region, one block at a time (and make every `fork` copy its page
+    // tables). Small zeroed blocks come from resident memory, zeroed by a memset.
+    let pool = quiet(16).cache_blocks(32).build().unwrap();
+    for i in 0..10_000u32 {
+        let mut block = pool.alloc_zeroed((i % 4) as u8).unwrap();
+        assert!(block.as_slice().iter().all(|&b| b == 0));
+        block.as_mut_slice().fill(0xEE);
+        pool.free(block);
+    }
+    let s = pool.stats();
+    assert!(
+        s.zero_bytes >= 15 * CHUNK as u64,
+        "small zeroed allocations walked through fresh memory:\n{s}"
+    );
+    // Large ones still prefer known-zero memory (no memset, nothing touched).
+    let big = pool.alloc_zeroed(9).unwrap();
+    assert!(pool.stats().zero_bytes < s.zero_bytes);
+    pool.free(big);
+}

@@ -19,7 +19,9 @@
 //! Every non-empty request takes a whole block of `order_for(size, align)`, and the
 //! returned slice covers the whole block, so collections use the slack as capacity.
 //! Requests above the largest block, or when the pool is exhausted, fail with
-//! [`AllocError`]: a dedicated pool has no fallback. Zero-sized requests get a dangling,
+//! [`AllocError`]: a dedicated pool has no fallback. A collection that cannot grow then
+//! calls `handle_alloc_error`, which aborts the process: give the pool a `max_order` that
+//! holds the largest collection, or use `try_reserve`. Zero-sized requests get a dangling,
 //! aligned pointer and no block. `grow` takes the buddies in place when they are free;
 //! `shrink` splits in place.
 

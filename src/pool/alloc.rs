@@ -22,7 +22,16 @@ impl PoolCore {
                 max_order: self.resolved.max_order,
             });
         }
-        let prefs = if zero && self.config.policy == crate::AllocPolicy::PreferUnhinted {
+        // Known-zero memory saves the memset but is not resident: every page faults on
+        // first touch, which costs more than zeroing a resident small block, and taking
+        // fresh memory for every small zeroed request would grow the footprint without
+        // bound. So only blocks at or above the hint order (2 MiB: where a large, maybe
+        // sparsely used allocation is worth leaving untouched, as glibc does with `mmap`
+        // for large `calloc`s) prefer known-zero memory.
+        let prefs = if zero
+            && order >= self.resolved.hint_min_order
+            && self.config.policy == crate::AllocPolicy::PreferUnhinted
+        {
             &PREFER_ZERO
         } else {
             &PREFER_RESIDENT

@@ -8,7 +8,8 @@ use crate::sync::{AtomicU64, Ordering};
 
 /// Lock-free counters of one order in one shard.
 ///
-/// `freed` and `bound` are monotonic, as in the seed: `freed` counts blocks that entered
+/// `freed` and `bound` are monotonic (the `nr_freed` / `nr_bound` split of the 2019 free
+/// page hinting patches): `freed` counts blocks that entered
 /// this order's free lists or cache, `bound` those that left (allocated, split, merged,
 /// isolated). Their difference is the free count, and a reader holding an older `freed`
 /// knows how many blocks were freed since. The rest are gauges.

@@ -1,4 +1,4 @@
-//! Issue 4's capture benchmark: a pool 90 % full of order-0 blocks churned by background
+//! The capture benchmark: a pool 90 % full of order-0 blocks churned by background
 //! threads; a foreground thread asks for order-9 blocks with a deadline.
 
 use std::collections::VecDeque;

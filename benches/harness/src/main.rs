@@ -24,16 +24,16 @@ pagepool-bench <command> [--flag value]...
 
 commands (default: all):
   all          every workload below, then the hinting and capture figures
-  repeat       issue 7 workload 1: alloc+touch+free one block, orders --orders (0,4,9)
+  repeat       alloc+touch+free one block, orders --orders (0,4,9)
   bulk         workload 2: allocate --bulk-frac of the pool in one order, free in order / random
   random       workload 3: free a random live block, allocate a random order (mix), --fills 50,90
   cross        workload 4: producer allocates, consumer frees (orders 0 and 9)
   scaling      workload 5: repeat (orders 0, 9) and random 50% with 1..=--max-threads threads
-  memory       workload 6: burst-free-idle and reuse cycles, one child process per allocator
-  hint-return  issue 3 (a): Rss-LazyFree after burst-free-idle as a fraction of peak
-  hint-refault issue 3 (b): minor faults of a reuse workload, PreferUnhinted vs Fifo (DONTNEED)
-  hint-cost    issue 3 (c): throughput of a 2-thread alloc/free loop, hinter on vs off
-  capture      issue 4: order-9 alloc_wait under order-0 churn, capture on vs off
+  memory       burst-free-idle and reuse cycles, one child process per allocator
+  hint-return  Rss-LazyFree after burst-free-idle as a fraction of peak
+  hint-refault minor faults of a reuse workload, PreferUnhinted vs Fifo (DONTNEED)
+  hint-cost    throughput of a 2-thread alloc/free loop, hinter on vs off
+  capture      order-9 alloc_wait under order-0 churn, capture on vs off
 
 flags (defaults in brackets):
   --allocs LIST        allocators [pagepool,system,mimalloc,jemalloc,lgalloc,buddy_sys,mmap]
@@ -653,7 +653,7 @@ fn write_out(ctx: &mut Ctx, file: &str, body: &str) {
     ctx.say(&format!("![{file}]({file})\n\n"));
 }
 
-// --- workload 6: memory (child processes) --------------------------------------------------
+// --- memory (child processes) --------------------------------------------------
 
 fn mem_args(args: &Args, kind: Kind, cycle: &str, extra: &[(&str, String)]) -> Vec<String> {
     let mut v = vec![
@@ -777,12 +777,12 @@ fn cmd_memory(ctx: &mut Ctx, args: &Args) {
     write_out(ctx, "memory-burst.svg", &body);
 }
 
-// --- issue 3: hinting ---------------------------------------------------------------------
+// --- hinting ---------------------------------------------------------------------
 
 fn cmd_hint_return(ctx: &mut Ctx, args: &Args) {
     let hint_delay_s = 1.0; // PoolBuilder::new()'s documented default hint_delay (1 s)
     let mut s = String::from(
-        "### Issue 3 (a), memory returned: pagepool, burst of mixed orders (every page written), free all, idle; default hinter settings\n\n",
+        "### Hinting, memory returned: pagepool, burst of mixed orders (every page written), free all, idle; default hinter settings\n\n",
     );
     s.push_str("| mode | peak MiB | at delay+2 s after the last free, MiB | fraction of peak | at end of idle, MiB | fraction |\n|---|---|---|---|---|---|\n");
     let mut series = Vec::new();
@@ -877,7 +877,7 @@ fn cmd_hint_refault(ctx: &mut Ctx, args: &Args) {
     }
     let (p, f) = (median(&faults[0]), median(&faults[1]));
     ctx.say(&format!(
-        "### Issue 3 (b), refaults: HintMode::DontNeed, a {} MiB burst of 2 MiB blocks freed and hinted (`hint_now`), then {} rounds of a {work} MiB mixed-order working set (every page written, then freed); minor faults of the working rounds, median of {rounds} child processes each\n\n| policy | minor faults (median) | all runs | pages written |\n|---|---|---|---|\n| PreferUnhinted | {p:.0} | {:?} | {pages:.0} |\n| Fifo | {f:.0} | {:?} | {pages:.0} |\n\nPreferUnhinted / Fifo = **{:.3}**\n\n",
+        "### Hinting, refaults: HintMode::DontNeed, a {} MiB burst of 2 MiB blocks freed and hinted (`hint_now`), then {} rounds of a {work} MiB mixed-order working set (every page written, then freed); minor faults of the working rounds, median of {rounds} child processes each\n\n| policy | minor faults (median) | all runs | pages written |\n|---|---|---|---|\n| PreferUnhinted | {p:.0} | {:?} | {pages:.0} |\n| Fifo | {f:.0} | {:?} | {pages:.0} |\n\nPreferUnhinted / Fifo = **{:.3}**\n\n",
         args.get::<usize>("mem-mib", 512),
         args.get::<usize>("refault-rounds", 8),
         faults[0],
@@ -945,7 +945,7 @@ fn cmd_hint_cost(ctx: &mut Ctx, args: &Args) {
     let st = on.0.stats();
     let (ma, mb) = (median(&a), median(&b));
     ctx.say(&format!(
-        "### Issue 3 (c), hinter cost: {threads}-thread random loop (mix, 50% of a {} MiB pool live), {} ms per round, {rounds} interleaved rounds\n\n| hinter | Mops/s median | rounds |\n|---|---|---|\n| on | {ma:.3} | {a:.3?} |\n| off | {mb:.3} | {b:.3?} |\n\nCost = 1 - on/off = **{:.2} %**. Hinter work during the on rounds: {} passes, {} madvise calls, {} MiB hinted in total.\n\n",
+        "### Hinting, cost of the hinter thread: {threads}-thread random loop (mix, 50% of a {} MiB pool live), {} ms per round, {rounds} interleaved rounds\n\n| hinter | Mops/s median | rounds |\n|---|---|---|\n| on | {ma:.3} | {a:.3?} |\n| off | {mb:.3} | {b:.3?} |\n\nCost = 1 - on/off = **{:.2} %**. Hinter work during the on rounds: {} passes, {} madvise calls, {} MiB hinted in total.\n\n",
         ctx.capacity >> 20,
         dur.as_millis(),
         (1.0 - ma / mb) * 100.0,
@@ -955,7 +955,7 @@ fn cmd_hint_cost(ctx: &mut Ctx, args: &Args) {
     ));
 }
 
-// --- issue 4: capture -----------------------------------------------------------------------
+// --- capture -----------------------------------------------------------------------
 
 fn cmd_capture(ctx: &mut Ctx, args: &Args) {
     let base = capture::CaptureCfg {
@@ -978,7 +978,7 @@ fn cmd_capture(ctx: &mut Ctx, args: &Args) {
         capture::Mode::OffPoll,
     ];
     let mut s = format!(
-        "### Issue 4, capture: {} MiB pool, {:.0}% held in order-0 blocks (allocated in address order; the rest whole free chunks), {} churn thread(s) each freeing its `batch` oldest blocks, then allocating as many (retrying later when the pool is empty); the foreground asks for order 9 with a {} ms deadline, keeps {} blocks, pauses {} ms between requests; {} requests x {rounds} rounds per mode and batch, modes interleaved, a fresh pool per run. The first ~{} requests take the initially free chunks (\"at once\").\n\n",
+        "### Capture: {} MiB pool, {:.0}% held in order-0 blocks (allocated in address order; the rest whole free chunks), {} churn thread(s) each freeing its `batch` oldest blocks, then allocating as many (retrying later when the pool is empty); the foreground asks for order 9 with a {} ms deadline, keeps {} blocks, pauses {} ms between requests; {} requests x {rounds} rounds per mode and batch, modes interleaved, a fresh pool per run. The first ~{} requests take the initially free chunks (\"at once\").\n\n",
         base.capacity >> 20,
         base.fill * 100.0,
         base.churners,

@@ -1,5 +1,5 @@
 //! Memory figures: `Rss - LazyFree` from `/proc/self/smaps_rollup`, minor faults from
-//! `getrusage`, and the child processes of workload 6 and issue 3.
+//! `getrusage`, and the child processes of the memory and hinting benchmarks.
 
 use std::time::{Duration, Instant};
 
@@ -250,7 +250,7 @@ pub fn child_main(kind: Kind, cfg: MemCfg, reuse: bool) {
     allocs.visit(kind, &mut MemCycle { cfg, reuse });
 }
 
-/// Issue 3 (b): refaults of a reuse workload. A burst of `cfg.bytes` in 2 MiB blocks is
+/// Refaults of a reuse workload. A burst of `cfg.bytes` in 2 MiB blocks is
 /// freed and hinted (`hint_now`, DONTNEED mode, hinter thread off so nothing else hints);
 /// then `rounds` times a working set of `work_bytes` in the mixed orders is allocated,
 /// every page written, and freed. Prints the minor faults of the working rounds.

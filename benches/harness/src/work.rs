@@ -1,4 +1,4 @@
-//! The timed workloads of issue 7, generic over [`PageAlloc`].
+//! The timed workloads (repeat, random, bulk, cross-thread, scaling), generic over [`PageAlloc`].
 
 use std::sync::Barrier;
 use std::sync::mpsc;
