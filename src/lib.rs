@@ -93,6 +93,11 @@ mod frame_table;
 mod global;
 mod hint;
 mod local_cache;
+#[allow(
+    dead_code,
+    reason = "the building block of per-CPU caches still to come"
+)]
+mod percpu;
 mod pool;
 mod process_memory;
 mod region;
