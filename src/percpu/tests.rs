@@ -23,6 +23,17 @@ const REQUIRE_RSEQ: &str = "PAGEPOOL_TEST_REQUIRE_RSEQ";
 /// Environment variable: the areas must be this module's own registrations.
 const EXPECT_OWN_AREA: &str = "PAGEPOOL_TEST_EXPECT_OWN_RSEQ_AREA";
 
+/// Taken by the tests that load every CPU (the stress tests, the child process that runs
+/// the rseq tests again) and by those that need quiet CPUs (the abort tests, which must
+/// tell the abort they cause from preemption by other tests' threads).
+static HEAVY: Mutex<()> = Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// The CPUs this thread may run on.
 #[cfg(not(miri))]
 fn allowed_cpus() -> Vec<usize> {
@@ -355,6 +366,7 @@ fn rseq_own_registration_without_glibc() {
         return; // already the child
     }
     let rseq_works = rseq_stacks(&[1], Backing::Heap).is_some();
+    let _heavy = heavy();
     let mut child = std::process::Command::new(std::env::current_exe().unwrap());
     child
         .args([
@@ -415,23 +427,28 @@ fn interrupted_push(
     // SAFETY: no preconditions.
     let (tid, thread) = unsafe { (libc::gettid(), libc::pthread_self()) };
     let here = current_cpu();
-    let elsewhere: Vec<usize> = allowed_cpus().into_iter().filter(|&c| c != here).collect();
-    let entering = Arc::new(AtomicBool::new(false));
+    // Not `allowed_cpus()`: this thread is usually pinned, and that is all it may use.
+    let elsewhere: Vec<usize> = (0..possible_cpus()).filter(|&c| c != here).collect();
+    let ready = Arc::new(Barrier::new(2));
     let release = Arc::new(AtomicBool::new(false));
     let helper = {
-        let (entering, release) = (entering.clone(), release.clone());
+        let (ready, release) = (ready.clone(), release.clone());
         std::thread::spawn(move || {
-            // Spawned threads inherit the affinity: move off the section's CPU.
+            // Spawned threads inherit the affinity: move off the section's CPU (where
+            // there is another one), so the section runs undisturbed until interrupted.
             set_affinity(&elsewhere);
-            while !entering.load(Ordering::Acquire) {
-                std::thread::yield_now();
+            ready.wait();
+            // Busy, not asleep: waking from a sleep may disturb the section's CPU (the
+            // kernel can run the timer there) and abort the section before its time.
+            let start = Instant::now();
+            while start.elapsed() < Duration::from_millis(10) {
+                std::hint::spin_loop();
             }
-            std::thread::sleep(Duration::from_millis(10));
             interrupt(tid, thread, &release);
             release.store(true, Ordering::Release);
         })
     };
-    entering.store(true, Ordering::Release);
+    ready.wait();
     let result = rseq::push_after_wait(access, &stacks.classes[0], 77, &release, WAIT_LIMIT);
     helper.join().unwrap();
     result.expect("this thread has an rseq area")
@@ -442,6 +459,7 @@ fn interrupted_push(
 #[cfg(not(miri))]
 #[test]
 fn rseq_migration_aborts_and_restarts_on_the_new_cpu() {
+    let _heavy = heavy();
     let allowed = allowed_cpus();
     if allowed.len() < 2 {
         eprintln!("skipped: needs two CPUs");
@@ -462,32 +480,53 @@ fn rseq_migration_aborts_and_restarts_on_the_new_cpu() {
     drop(pin);
 }
 
-/// A signal aborts a section in flight; it restarts and commits once.
+/// Each signal delivered inside a section aborts it; it restarts and commits once.
 #[cfg(not(miri))]
 #[test]
-fn rseq_signal_aborts_and_restarts() {
+fn rseq_signals_abort_and_restart() {
+    let _heavy = heavy();
+    const SIGNALS: usize = 8;
     let Some(stacks) = rseq_stacks(&[4], Backing::Mmap) else {
         return;
     };
     install_noop_signal_handler();
     let pin = Pinned::last();
     let (pushed, attempts) = interrupted_push(&stacks, |_, thread, _| {
-        // SAFETY: `thread` is alive: it joins this helper before it returns.
-        assert_eq!(unsafe { libc::pthread_kill(thread, NOOP_SIGNAL) }, 0);
-        std::thread::sleep(Duration::from_millis(10));
+        for _ in 0..SIGNALS {
+            let before = SIGNALS_HANDLED.load(Ordering::SeqCst);
+            // SAFETY: `thread` is alive: it joins this helper before it returns.
+            assert_eq!(unsafe { libc::pthread_kill(thread, NOOP_SIGNAL) }, 0);
+            // One at a time: signals sent while the thread waits for a CPU would merge.
+            let start = Instant::now();
+            while SIGNALS_HANDLED.load(Ordering::SeqCst) == before {
+                assert!(
+                    start.elapsed() < Duration::from_secs(5),
+                    "signal not handled"
+                );
+                std::hint::spin_loop();
+            }
+            while start.elapsed() < Duration::from_millis(1) {
+                std::hint::spin_loop();
+            }
+        }
     });
     assert!(pushed);
-    assert!(attempts >= 2, "the signal did not abort the section");
+    // Other interrupts may add restarts; each signal adds one.
+    assert!(
+        attempts > SIGNALS,
+        "{attempts} attempts for {SIGNALS} signals"
+    );
     assert_eq!(stacks.len(pin.cpu, 0), 1);
     assert_eq!(drain_all(&stacks), [(0, 77)], "committed exactly once");
 }
 
-/// A drain's membarrier fence aborts a section in flight on the drained CPU, and the
-/// restarted section sees the CPU stopped and fails. (Without the abort, the section
-/// would go on and commit into the stack the drain is emptying.)
+/// A drain's membarrier fence aborts a section in flight on the drained CPU: the section
+/// cannot commit while the CPU is stopped. (Without the fence it would go on and commit
+/// into the stack the drain is emptying.)
 #[cfg(not(miri))]
 #[test]
 fn rseq_drain_fence_aborts_a_section_in_flight() {
+    let _heavy = heavy();
     let Some(stacks) = rseq_stacks(&[4], Backing::Mmap) else {
         return;
     };
@@ -495,31 +534,49 @@ fn rseq_drain_fence_aborts_a_section_in_flight() {
     let pin = Pinned::last();
     let cpu = pin.cpu;
     stacks.push(0, 1).unwrap(); // so the drain has something to hand over
-    let (pushed, attempts) = {
-        let stacks = stacks.clone();
+    let committed_while_stopped = Arc::new(AtomicBool::new(false));
+    let (pushed, _) = {
+        let (stacks, flag) = (stacks.clone(), committed_while_stopped.clone());
         interrupted_push(&stacks.clone(), move |_, _, release| {
-            let mut got = Vec::new();
+            let mut got = Vec::with_capacity(4);
             assert!(stacks.drain_cpu(cpu, |_, items| {
                 got.extend_from_slice(items);
-                // Let the section go on while the CPU is stopped.
+                // Let the section go on while the CPU is stopped, and give it time to
+                // commit. No system call meanwhile: the interrupts one can cause might
+                // abort the section too and hide a missing fence.
                 release.store(true, Ordering::Release);
-                std::thread::sleep(Duration::from_millis(50));
+                let start = Instant::now();
+                while start.elapsed() < Duration::from_millis(20) {
+                    std::hint::spin_loop();
+                }
+                flag.store(stacks.len(cpu, 0) != 0, Ordering::SeqCst);
             }));
             assert_eq!(got, [1]);
         })
     };
-    assert!(attempts >= 2, "the fence did not abort the section");
-    assert!(!pushed, "the restarted section ignored the stopped CPU");
-    assert_eq!(stacks.len(cpu, 0), 0);
+    assert!(
+        !committed_while_stopped.load(Ordering::SeqCst),
+        "a section committed into a stopped CPU's stack"
+    );
+    // The restarted section failed on the stopped CPU or, if it only ran again after
+    // the drain (a loaded machine), pushed normally.
+    assert_eq!(stacks.len(cpu, 0), pushed as usize);
 }
 
-/// The signal the tests send to interrupt critical sections; its handler does nothing.
+/// The signal the tests send to interrupt critical sections; its handler only counts.
 #[cfg(not(miri))]
 const NOOP_SIGNAL: libc::c_int = libc::SIGURG;
 
+/// Signals the handler below has run for.
+#[cfg(not(miri))]
+static SIGNALS_HANDLED: AtomicUsize = AtomicUsize::new(0);
+
 #[cfg(not(miri))]
 fn install_noop_signal_handler() {
-    extern "C" fn noop(_: libc::c_int) {}
+    extern "C" fn noop(_: libc::c_int) {
+        // Atomics are async-signal-safe.
+        SIGNALS_HANDLED.fetch_add(1, Ordering::SeqCst);
+    }
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
         // SAFETY: an all-zero sigaction is valid; the handler is async-signal-safe (it
@@ -810,6 +867,7 @@ fn stress(stacks: PerCpuStacks, threads: usize, run_for: Duration) {
 
 #[test]
 fn portable_stress() {
+    let _heavy = heavy();
     if cfg!(miri) {
         let stacks =
             PerCpuStacks::with_cpus(&[4, 2], 1, CpuCacheImpl::Portable, Backing::Heap).unwrap();
@@ -826,6 +884,7 @@ fn portable_stress() {
 #[cfg(not(miri))]
 #[test]
 fn rseq_stress() {
+    let _heavy = heavy();
     if let Some(stacks) = rseq_stacks(&[16, 5, 1], Backing::Mmap) {
         stress(stacks, 8, Duration::from_millis(1500));
     }
