@@ -533,8 +533,9 @@ impl PerCpuStacks {
         }
         let area = self.area(cpu);
         let gate = &area[GATE_WORD];
-        // One swap takes the lock; a holder (an operation or a drain) makes us fail.
-        if gate.swap(1, Ordering::Acquire) != 0 {
+        // One atomic read-modify-write takes the lock; a holder (an operation or a
+        // drain) makes us fail.
+        if !try_lock(gate) {
             return busy;
         }
         area[ACTIVE_WORD].store(1, Ordering::Relaxed);
@@ -623,12 +624,32 @@ unsafe impl Sync for PerCpuStacks {}
 // SAFETY: as above; nothing in the instance is tied to the thread that made it.
 unsafe impl Send for PerCpuStacks {}
 
+/// Takes a portable CPU's lock with one swap, unless it is held.
+#[cfg(not(loom))]
+#[inline]
+fn try_lock(gate: &AtomicU64) -> bool {
+    gate.swap(1, Ordering::Acquire) == 0
+}
+
+/// Under loom, the same with a compare-exchange: loom 0.7 lets a plain store (the
+/// holder's release) slip between the read and the write of a swap, so a failed swap
+/// could appear to overwrite the release and leave the lock held for ever
+/// (tokio-rs/loom#254). The gate only ever holds 0 or 1, so `swap(1) == 0` and
+/// `compare_exchange(0, 1).is_ok()` succeed in exactly the same cases, and a failed swap
+/// only rewrites the 1 that was there.
+#[cfg(loom)]
+fn try_lock(gate: &AtomicU64) -> bool {
+    gate.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
+        .is_ok()
+}
+
 /// Takes a CPU's gate for a drain: waits for a portable operation or another drain of the
 /// same CPU to finish (spins briefly, then yields; drains are rare and short).
 fn close_gate(gate: &AtomicU64) {
     let mut spins = 0u32;
+    // Strong: a spurious failure would only cost another round, but loom explores each.
     while gate
-        .compare_exchange_weak(0, 1, Ordering::Acquire, Ordering::Relaxed)
+        .compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
         .is_err()
     {
         if cfg!(loom) || spins >= 64 {

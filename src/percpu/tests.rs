@@ -718,11 +718,11 @@ fn stress(stacks: PerCpuStacks, threads: usize, run_for: Duration) {
                     ops += 1;
                     let class = rng.below(classes);
                     let own = &mut mine[class];
-                    if own.len() < 4 {
-                        if let Ok(mut pool) = drained[class].try_lock() {
-                            let from = pool.len().saturating_sub(16);
-                            own.extend(pool.drain(from..));
-                        }
+                    if own.len() < 4
+                        && let Ok(mut pool) = drained[class].try_lock()
+                    {
+                        let from = pool.len().saturating_sub(16);
+                        own.extend(pool.drain(from..));
                     }
                     match rng.below(16) {
                         0..=3 => {
