@@ -9,9 +9,13 @@
 //! `cargo test --release --lib percpu::tests::timing -- --ignored --nocapture`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::AtomicBool;
+#[cfg(not(miri))]
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Barrier, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+#[cfg(not(miri))]
+use std::time::Instant;
 
 use super::*;
 
@@ -155,7 +159,10 @@ fn rejects_bad_shapes() {
     for kind in [CpuCacheImpl::Rseq, CpuCacheImpl::Portable] {
         assert!(PerCpuStacks::with_cpus(&[], 1, kind, Backing::Heap).is_err());
         assert!(PerCpuStacks::with_cpus(&[1], 0, kind, Backing::Heap).is_err());
-        assert!(PerCpuStacks::with_cpus(&[u32::MAX; 64], 1 << 16, kind, Backing::Heap).is_err());
+        assert!(PerCpuStacks::with_cpus(&[1], MAX_CPUS + 1, kind, Backing::Heap).is_err());
+        // 2^47 bytes per CPU, 2^63 in all: more than an address space.
+        let huge = [u32::MAX; 4096];
+        assert!(PerCpuStacks::with_cpus(&huge, MAX_CPUS, kind, Backing::Heap).is_err());
     }
 }
 
