@@ -38,23 +38,25 @@
 //! `#[global_allocator]`.
 //!
 //! ```text
-//!  words:  | CPU 0 area | CPU 1 area | ... | CPU cpus-1 area |      (stride bytes each,
-//!                                                                 a multiple of 128, or
-//!                                                                 of 4096 with Mmap)
-//!  one CPU area:
-//!  +------+--------+---------+---------+-----+---------+------------------------------+
-//!  | gate | active | count 0 | count 1 | ... | (pad to 64 bytes) | slots of class 0 |
-//!  +------+--------+---------+---------+-----+---------+------------------------------+
-//!    word 0  word 1   word 2    word 3            | slots of class 1 | ... | pad      |
+//!  words: | CPU 0's area | CPU 1's area | ... | CPU (cpus-1)'s area |
+//!         |<-- stride -->|  stride: a multiple of 128 bytes (Heap) or 4096 (Mmap)
 //!
-//!  class c's stack on that CPU: slots[c][0 .. count c), top at slots[c][count c - 1]
+//!  one CPU's area, in 8-byte words (k classes):
+//!  0       1        2         3                 k+1        (zeros up to 64 bytes)
+//!  +------+--------+---------+---------+ ... +-----------+-----+
+//!  | gate | active | count 0 | count 1 |     | count k-1 | pad |     header
+//!  +------+--------+---------+---------+ ... +-----------+-----+
+//!  | slots of class 0: cap 0 words | slots of class 1: cap 1 words | ... | pad |
+//!  +----------------------------------------------------------------------------+
+//!
+//!  class c's stack: its first `count c` slots, the top one at slots[c][count c - 1]
 //! ```
 //!
 //! - `gate` is 0 when the CPU's stacks are open. rseq: a drain sets it to stop the CPU.
 //!   Portable: it is the CPU's lock (an operation or a drain holds it).
-//! - `active` is set to 1 by every operation that runs on the CPU (an idempotent plain
-//!   store, so a restarted rseq section may repeat it) and cleared by
-//!   [`PerCpuStacks::take_activity`], the idle detector of a background thread.
+//! - `active` is set to 1 by every operation that runs on the CPU, failed ones included
+//!   (an idempotent plain store, so a restarted rseq section may repeat it), and cleared
+//!   by [`PerCpuStacks::take_activity`], the idle detector of a background thread.
 //! - `count c` is the number of items of class c. It is the only word a commit writes.
 //!
 //! The bounds (where each class's slots start, its capacity) never change: they live in a
@@ -107,7 +109,12 @@
 //!
 //! Same-CPU drains from two threads wait for each other on the gate (a drain spins with
 //! a short backoff, then yields); drains of different CPUs run in parallel. While a drain
-//! holds a CPU, every operation on that CPU fails.
+//! holds a CPU, every operation on that CPU fails. The portable implementation drains the
+//! same way without the fence: taking the gate waits for the operation holding the lock.
+//!
+//! Operations never wait, so they are safe in signal handlers: a signal aborts the rseq
+//! section it interrupts, and a handler finding a portable CPU locked simply fails.
+//! Drains wait, and are not.
 //!
 //! Where `membarrier` cannot restart rseq critical sections (Linux before 5.10, or a
 //! seccomp filter), there is no sound way to take items away from a CPU that others may be

@@ -1,6 +1,6 @@
 //! The rseq critical sections for x86-64.
 //!
-//! Every operation is one `asm!` block built by [`critical_section!`]:
+//! Every operation is one `asm!` block built by the `critical_section!` macro:
 //!
 //! ```text
 //!  2:  lea  t, [rip + 3f]              restart: publish the descriptor in
