@@ -2,8 +2,13 @@
 //! race with drains of it, and every item must exist exactly once at the end.
 //!
 //! Run with `RUSTFLAGS="--cfg loom" cargo test -p pagepool --lib --release -- percpu`
-//! (`loom-tests/run.sh` does). The rseq implementation cannot be modelled: its atomicity
-//! comes from the kernel.
+//! (`loom-tests/run.sh` does, with the repository's `LOOM_MAX_PREEMPTIONS=2`). The rseq
+//! implementation cannot be modelled: its atomicity comes from the kernel.
+//!
+//! A bound of 3 does not finish `batches_race_with_two_drains`: when both drains wait for
+//! the gate at once, loom 0.7 explores ever longer executions of the two spinning threads
+//! (a plain three-thread spin lock built from `close_gate` shows the same), and stops at
+//! its limit on branches.
 
 use loom::thread;
 

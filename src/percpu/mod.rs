@@ -312,16 +312,19 @@ impl PerCpuStacks {
         // All zeros is the initial state: open gates, no activity, empty stacks.
         let words = MetaArray::new(cpus * stride_words, backing, true, |_| AtomicU64::new(0))?;
         let base = words.as_ptr() as usize;
+        // Classes' slots follow each other, in class order (`init` runs in index order).
+        let mut slots_off = header_end;
         let classes = MetaArray::new(capacities.len(), backing, false, |c| {
-            let before: usize = capacities[..c].iter().map(|&cap| cap as usize).sum();
-            ClassGeometry {
+            let geometry = ClassGeometry {
                 base,
                 stride,
                 cpus,
                 count_off: (COUNT_WORD + c) * WORD,
-                slots_off: header_end + before * WORD,
+                slots_off,
                 cap: capacities[c] as usize,
-            }
+            };
+            slots_off += geometry.cap * WORD;
+            geometry
         })?;
         Ok(Self {
             imp,
@@ -517,7 +520,7 @@ impl PerCpuStacks {
         for cpu in 0..self.cpus {
             let gate = &self.area(cpu)[GATE_WORD];
             if gate.load(Ordering::Relaxed) != 0 {
-                gate.store(0, Ordering::Release);
+                unlock(gate);
             }
         }
     }
@@ -547,7 +550,7 @@ impl PerCpuStacks {
         }
         area[ACTIVE_WORD].store(1, Ordering::Relaxed);
         let result = op(area);
-        gate.store(0, Ordering::Release);
+        unlock(gate);
         result
     }
 
@@ -638,16 +641,25 @@ fn try_lock(gate: &AtomicU64) -> bool {
     gate.swap(1, Ordering::Acquire) == 0
 }
 
-/// Under loom, the same with a compare-exchange: loom 0.7 lets a plain store (the
-/// holder's release) slip between the read and the write of a swap, so a failed swap
-/// could appear to overwrite the release and leave the lock held for ever
-/// (tokio-rs/loom#254). The gate only ever holds 0 or 1, so `swap(1) == 0` and
-/// `compare_exchange(0, 1).is_ok()` succeed in exactly the same cases, and a failed swap
-/// only rewrites the 1 that was there.
+/// Under loom, the same with a compare-exchange. loom 0.7 lets a plain store (here the
+/// holder's release) slip between the read and the write of another thread's swap
+/// (tokio-rs/loom#254, fixed in a pull request not yet released): a swap that read the
+/// 1 from before the release would then write its 1 after it, and the lock would stay
+/// held by nobody. The gate only ever holds 0 or 1, so `swap(1) == 0` and
+/// `compare_exchange(0, 1).is_ok()` succeed in exactly the same cases (a failed swap
+/// rewrites the 1 that was there; a failed compare-exchange writes nothing, so nothing
+/// can slip under it).
 #[cfg(loom)]
 fn try_lock(gate: &AtomicU64) -> bool {
     gate.compare_exchange(0, 1, Ordering::Acquire, Ordering::Relaxed)
         .is_ok()
+}
+
+/// Opens the gate: releases a portable lock or ends a drain, with one store.
+#[inline]
+fn unlock(gate: &AtomicU64) {
+    // Release: whoever takes the gate next (acquire) sees what the holder wrote.
+    gate.store(0, Ordering::Release);
 }
 
 /// Takes a CPU's gate for a drain: waits for a portable operation or another drain of the
@@ -673,9 +685,8 @@ struct Reopen<'a>(&'a AtomicU64);
 
 impl Drop for Reopen<'_> {
     fn drop(&mut self) {
-        // Release: an operation that sees the gate open (acquire) also sees the emptied
-        // counts.
-        self.0.store(0, Ordering::Release);
+        // An operation that sees the gate open (acquire) also sees the emptied counts.
+        unlock(self.0);
     }
 }
 
