@@ -17,9 +17,14 @@
 //! at thread exit, and the kernel forgets the registration when the thread exits. If
 //! registration fails (`EBUSY`: another library registered an area first; `ENOSYS`;
 //! `EPERM` from a seccomp filter), that thread's operations fail and callers take their
-//! slow path. (In a library loaded with `dlopen`, thread-locals live in dynamic TLS,
-//! which glibc frees only once the thread has exited; that is when the kernel stops
-//! writing to the area.)
+//! slow path.
+//!
+//! The kernel writes a registered area until the thread has exited. A thread-local of an
+//! executable (or of a library loaded at start-up) lives in static TLS, next to the
+//! thread's stack, which glibc reuses only after the thread is gone. In a library loaded
+//! later with `dlopen`, thread-locals live in dynamic TLS, which glibc may free while a
+//! detached thread is still finishing its exit: this fallback is not meant for such
+//! libraries on C libraries that do not register areas themselves.
 //!
 //! # Fencing
 //!
