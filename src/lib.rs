@@ -93,10 +93,7 @@ mod frame_table;
 mod global;
 mod hint;
 mod local_cache;
-#[allow(
-    dead_code,
-    reason = "the building block of per-CPU caches still to come"
-)]
+#[allow(dead_code)] // a building block: the per-CPU caches that use it come next
 mod percpu;
 mod pool;
 mod process_memory;
