@@ -19,4 +19,5 @@ export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 export CARGO_TARGET_DIR="${LOOM_TARGET_DIR:-$root/target/loom}"
 start=$(date +%s)
 cargo test -p pagepool-loom-tests --release -- "$@"
+cargo test -p pagepool --lib --release -- percpu  # in-crate models (src/percpu/loom_models.rs)
 echo "loom: all models passed in $(( $(date +%s) - start )) s (LOOM_MAX_PREEMPTIONS=$LOOM_MAX_PREEMPTIONS)"

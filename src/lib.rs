@@ -96,6 +96,8 @@ mod error;
 mod frame_table;
 mod front;
 mod os;
+#[allow(dead_code)] // the per-CPU caches build on it
+mod percpu;
 mod policy;
 mod pool;
 mod shard;

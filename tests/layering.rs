@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 const LAYERS: &[(&str, u32)] = &[
     ("sync", 0),
     ("os", 1),
+    ("percpu", 2),
     ("error", 2),
     ("config", 3),
     ("frame_table", 4),
