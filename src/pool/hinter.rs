@@ -185,7 +185,13 @@ fn serve(registry: &'static Registry, generation: u64) {
         let core = unsafe { &*core };
         let config = core.config.hint;
         let outcome = catch_unwind(AssertUnwindSafe(|| {
-            run_pass(core, Some(cold_ms(&config)), config.pass_bytes as u64)
+            // Caches above the pool first: what they give back can be hinted now.
+            let cached_warm_in = core.release_idle_caches(Some(cold_ms(&config)));
+            let mut outcome = run_pass(core, Some(cold_ms(&config)), config.pass_bytes as u64);
+            if let Some(wait) = cached_warm_in {
+                outcome.next_cold_in = Some(outcome.next_cold_in.map_or(wait, |w| w.min(wait)));
+            }
+            outcome
         }));
         let mut state = registry.state.lock();
         state.busy = ptr::null();

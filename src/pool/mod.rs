@@ -43,6 +43,7 @@ use crate::{FRAME_SHIFT, FRAME_SIZE};
 
 mod alloc;
 mod audit;
+pub(crate) mod client;
 #[cfg(not(any(loom, miri)))]
 mod fork_hold;
 mod hinter;
@@ -76,6 +77,8 @@ pub(crate) struct PoolCore {
     cache_limits: [u32; crate::shard::ORDERS],
     /// Its place in the process's registry of pools.
     pub(crate) entry: registry::Entry,
+    /// The layer above that keeps some of its memory, if any (see [`client`]).
+    client: std::sync::OnceLock<&'static dyn client::Client>,
     /// The locks the fork handlers hold across `fork` (see [`fork_hold`]).
     #[cfg(not(any(loom, miri)))]
     fork_holds: fork_hold::ForkHolds,
@@ -118,6 +121,7 @@ impl PoolCore {
             resolved,
             cache_limits: cache_limits(config.cache_blocks, resolved.max_order),
             entry: registry::Entry::new(),
+            client: std::sync::OnceLock::new(),
             #[cfg(not(any(loom, miri)))]
             fork_holds: fork_hold::ForkHolds::new(resolved.shards + 1, config.backing)
                 .map_err(BuildError::Map)?,

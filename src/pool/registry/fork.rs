@@ -62,6 +62,9 @@ extern "C" fn prepare() {
     IN_FORK.with(|inside| inside.set(true));
     let state = lock_state();
     for core in state.pools() {
+        if let Some(client) = core.client() {
+            client.hold_for_fork(); // a client's locks come before the pool's
+        }
         // SAFETY: released by `parent` or `child` on this thread before the registry lock,
         // which keeps the pool alive and listed meanwhile.
         unsafe { core.hold_for_fork() };
@@ -82,6 +85,9 @@ fn release() -> Option<MutexGuard<'static, State>> {
     for core in state.pools() {
         // SAFETY: held by `prepare` on this thread.
         unsafe { core.release_fork_hold() };
+        if let Some(client) = core.client() {
+            client.release_fork_hold();
+        }
     }
     Some(state)
 }
@@ -109,6 +115,9 @@ extern "C" fn child() {
             entry.not_before = None;
             core.signal.stop_listening();
             core.recover_after_fork();
+            if let Some(client) = core.client() {
+                client.recover_after_fork();
+            }
         }
     }
     IN_FORK.with(|inside| inside.set(false));
