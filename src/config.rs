@@ -15,6 +15,10 @@ use crate::{FRAME_SIZE, MAX_SHARDS, MAX_SUPPORTED_ORDER};
 /// kept as 32-bit millisecond stamps, whose differences are exact up to 24.8 days.
 pub const MAX_HINT_DURATION: Duration = Duration::from_secs(24 * 24 * 3600);
 
+/// Default bytes of free blocks a CPU's cache may hold: 8 MiB (with 4 MiB chunks, up to
+/// 64 blocks of 4 KiB and at least one of 2 MiB).
+pub const DEFAULT_CPU_CACHE_BYTES: usize = 8 << 20;
+
 /// The most blocks one hinting batch takes (`IOV_MAX`).
 const MAX_HINT_BATCH: usize = 1024;
 
@@ -32,6 +36,58 @@ pub enum AllocPolicy {
     /// One first-in, first-out queue per order that ignores hint state: the block free the
     /// longest goes first. A baseline to measure the preference against.
     Fifo,
+}
+
+/// Which per-CPU cache implementation a pool uses (see [`PoolBuilder::cpu_cache`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuCacheMode {
+    /// Restartable sequences where the kernel and glibc provide them, the portable
+    /// implementation otherwise. The environment variable `PAGEPOOL_CPU_CACHE` (`rseq`,
+    /// `portable` or `off`) overrides it at build time, for operators and test runs.
+    Auto,
+    /// Restartable sequences (Linux `rseq(2)`): no lock and no atomic read-modify-write
+    /// on the fast path. `build` fails where the process cannot use them.
+    Rseq,
+    /// A per-CPU lock taken with one atomic swap, the CPU picked by `sched_getcpu`.
+    Portable,
+    /// No per-CPU caches: every allocation and free takes a shard lock.
+    Off,
+}
+
+impl CpuCacheMode {
+    /// `Auto` resolved through `PAGEPOOL_CPU_CACHE`; the others as they are.
+    pub(crate) fn resolve(self) -> Self {
+        if self != Self::Auto {
+            return self;
+        }
+        match env_var(c"PAGEPOOL_CPU_CACHE") {
+            Some(b"rseq") => Self::Rseq,
+            Some(b"portable") => Self::Portable,
+            Some(b"off") => Self::Off,
+            _ => Self::Auto,
+        }
+    }
+}
+
+/// An environment variable's bytes, read without allocating (pools are built inside
+/// `malloc` when they serve as the global allocator).
+fn env_var(name: &std::ffi::CStr) -> Option<&'static [u8]> {
+    #[cfg(any(loom, miri))]
+    {
+        let _ = name;
+        None
+    }
+    #[cfg(not(any(loom, miri)))]
+    {
+        // SAFETY: `name` is a NUL-terminated string; getenv returns null or a pointer to
+        // a NUL-terminated value that lives as long as the environment is not changed.
+        let value = unsafe { libc::getenv(name.as_ptr()) };
+        if value.is_null() {
+            return None;
+        }
+        // SAFETY: non-null and NUL-terminated, see above.
+        Some(unsafe { std::ffi::CStr::from_ptr(value) }.to_bytes())
+    }
 }
 
 /// Hinting settings. See [`PoolBuilder`] for the setters and defaults.
@@ -77,6 +133,8 @@ pub struct PoolBuilder {
     pub(crate) capture_reserve: bool,
     pub(crate) cache_blocks: u32,
     pub(crate) keep_chunks: u32,
+    pub(crate) cpu_cache: CpuCacheMode,
+    pub(crate) cpu_cache_bytes: usize,
 }
 
 impl std::fmt::Debug for PoolBuilder {
@@ -124,6 +182,8 @@ impl PoolBuilder {
             capture_reserve: true,
             cache_blocks: 32,
             keep_chunks: 2,
+            cpu_cache: CpuCacheMode::Auto,
+            cpu_cache_bytes: DEFAULT_CPU_CACHE_BYTES,
         }
     }
 
@@ -272,6 +332,23 @@ impl PoolBuilder {
     /// hinting pass, so cached memory never escapes hinting for long.
     pub const fn cache_blocks(mut self, blocks: u32) -> Self {
         self.cache_blocks = blocks;
+        self
+    }
+
+    /// Per-CPU caches of free blocks in front of the shards (Linux's per-CPU page lists):
+    /// which implementation, or none. Default [`CpuCacheMode::Auto`].
+    pub const fn cpu_cache(mut self, mode: CpuCacheMode) -> Self {
+        self.cpu_cache = mode;
+        self
+    }
+
+    /// Bytes of free blocks each CPU's cache may hold, all orders together. Default
+    /// [`DEFAULT_CPU_CACHE_BYTES`] (8 MiB): each order below the largest gets one block
+    /// while the budget allows (smallest first), then an equal share of the rest, at most
+    /// 64 blocks per order. A cache idle for `hint_delay` is drained by the hinter, so this
+    /// bounds only what busy CPUs hold. 0 turns the caches off.
+    pub const fn cpu_cache_bytes(mut self, bytes: usize) -> Self {
+        self.cpu_cache_bytes = bytes;
         self
     }
 

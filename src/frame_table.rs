@@ -86,6 +86,10 @@ pub(crate) enum FrameState {
     /// Held, free, by a [`LocalCache`](crate::LocalCache): allocated as far as the shards
     /// know. Written by the cache's owner without a lock (see `local_cache`).
     LocalCached = 7,
+    /// Held, free, in a per-CPU cache: allocated as far as the shards know. Written by the
+    /// block's owner (the freeing thread before the push, the allocating thread after the
+    /// pop) without a lock.
+    CpuCached = 8,
 }
 
 impl FrameState {
@@ -98,6 +102,7 @@ impl FrameState {
             5 => Self::Cached,
             6 => Self::Isolated,
             7 => Self::LocalCached,
+            8 => Self::CpuCached,
             _ => Self::Interior,
         }
     }

@@ -104,7 +104,8 @@ mod shard;
 mod sync;
 
 pub use config::{
-    AllocPolicy, Backing, DEFAULT_MAX_ORDER, HintMode, MAX_HINT_DURATION, PoolBuilder,
+    AllocPolicy, Backing, CpuCacheMode, DEFAULT_CPU_CACHE_BYTES, DEFAULT_MAX_ORDER, HintMode,
+    MAX_HINT_DURATION, PoolBuilder,
 };
 pub use error::{AllocError, BuildError, FreeError};
 #[cfg(not(loom))]

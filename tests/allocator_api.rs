@@ -8,12 +8,15 @@ use allocator_api2::alloc::Allocator;
 use allocator_api2::vec::Vec as AVec;
 use pagepool::{PagePool, PoolAlloc, PoolBuilder};
 
+/// A private pool without caches in front of the buddy allocator, so that the tests can
+/// reason about which buddies are free.
 fn pool(shards: usize) -> PagePool {
     PagePool::builder()
         .capacity(128 << 20)
         .max_order(10)
         .shards(shards)
         .cache_blocks(0)
+        .cpu_cache(pagepool::CpuCacheMode::Off)
         .hint_thread(false)
         .build()
         .expect("pool")

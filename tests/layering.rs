@@ -47,6 +47,8 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("AllocPolicy", "config"),
     ("Backing", "os"),
     ("DEFAULT_MAX_ORDER", "config"),
+    ("CpuCacheMode", "config"),
+    ("DEFAULT_CPU_CACHE_BYTES", "config"),
     ("MAX_HINT_DURATION", "config"),
     ("HintMode", "os"),
     ("PoolBuilder", "config"),

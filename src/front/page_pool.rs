@@ -150,10 +150,8 @@ impl PagePool {
             block.pool_id(),
             self.core.id()
         );
-        let idx = self
-            .core
-            .frame_of(block.as_ptr())
-            .expect("a Block of this pool lies in its region");
+        // A Block of this pool lies in its region.
+        let idx = self.core.frame_of_own(block.as_ptr());
         if let Err(err) = self.core.free_frame(idx, Some(block.order())) {
             panic!(
                 "pagepool: frame table disagrees with a live Block ({err}); memory was corrupted"
@@ -171,7 +169,9 @@ impl PagePool {
     /// `ptr` must come from [`Block::into_raw`] of a block of this pool that was not freed
     /// since, and no reference into the block may be used afterwards. The frame table
     /// catches foreign pointers, interior pointers and frees of free blocks, but not a
-    /// stale pointer whose address was handed out again: that frees someone else's block.
+    /// stale pointer whose address was handed out again (that frees someone else's block),
+    /// nor two threads freeing one block at the same time: the check of an allocated
+    /// block takes no lock.
     pub unsafe fn free_raw(&self, ptr: NonNull<u8>) -> Result<u8, FreeError> {
         let idx = self.core.frame_of(ptr.as_ptr())?;
         self.core.free_frame(idx, None)

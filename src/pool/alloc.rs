@@ -2,7 +2,7 @@
 
 use super::PoolCore;
 use crate::error::{AllocError, FreeError};
-use crate::frame_table::{FrameIdx, FreeClass, Owner};
+use crate::frame_table::{FrameIdx, FrameState, FreeClass, Owner};
 use crate::shard::{Env, Locked, PREFER_RESIDENT, PREFER_ZERO};
 
 impl PoolCore {
@@ -10,7 +10,27 @@ impl PoolCore {
 
     /// Allocates a block of `order` on `shard` (or the caller's shard), balancing as the
     /// module docs describe. Returns the block and the class it had while free.
+    #[inline]
     pub(crate) fn alloc_frame(
+        &self,
+        order: u8,
+        zero: bool,
+        shard: Option<usize>,
+    ) -> Result<(FrameIdx, FreeClass), AllocError> {
+        // The fast path: this CPU's cache (not for a named shard, nor for zeroed memory of
+        // the sizes that prefer known-zero blocks).
+        if shard.is_none()
+            && (!zero || order < self.resolved.hint_min_order)
+            && let Some(found) = self.alloc_cached(order)
+        {
+            return Ok(found);
+        }
+        self.alloc_from_shards(order, zero, shard)
+    }
+
+    /// Allocates from the shards, without the per-CPU cache.
+    #[inline(never)]
+    fn alloc_from_shards(
         &self,
         order: u8,
         zero: bool,
@@ -53,20 +73,72 @@ impl PoolCore {
         prefs: &[FreeClass; crate::frame_table::CLASSES],
         env: &Env<'_>,
     ) -> Result<(FrameIdx, FreeClass), AllocError> {
+        if let Some(found) = self.alloc_any_shard(home, order, prefs, env) {
+            return Ok(found);
+        }
+        // Blocks in per-CPU caches are free memory too: give them back before failing.
+        // This CPU's first; the others' only once per clock tick (a few ms) in a pool that
+        // keeps running dry, because draining another CPU stops its cache for a moment
+        // (and, with restartable sequences, interrupts it).
+        if self.cpu.is_some() {
+            if self.drain_this_cpu_cache()
+                && let Some(found) = self.alloc_any_shard(home, order, prefs, env)
+            {
+                return Ok(found);
+            }
+            if self.may_drain_for_exhaustion() {
+                self.drain_cpu_caches();
+                if let Some(found) = self.alloc_any_shard(home, order, prefs, env) {
+                    return Ok(found);
+                }
+            }
+        }
+        Err(AllocError::Exhausted { order })
+    }
+
+    /// Every shard in turn, starting at home, each with its small-block cache merged back,
+    /// then the shared pool.
+    fn alloc_any_shard(
+        &self,
+        home: usize,
+        order: u8,
+        prefs: &[FreeClass; crate::frame_table::CLASSES],
+        env: &Env<'_>,
+    ) -> Option<(FrameIdx, FreeClass)> {
         let n = self.shards.len();
         for i in 0..n {
             let mut shard = self.shards[(home + i) % n].lock(env);
             shard.drain_cache(0);
             if let Some(found) = shard.alloc_thorough(order, prefs) {
-                return Ok(found);
+                return Some(found);
             }
         }
         // The shared pool holds pieces smaller than a chunk only when capture took part of
         // a chunk that the hinter returned there: they are free memory too.
-        if let Some(found) = self.shared.lock(env).alloc_thorough(order, prefs) {
-            return Ok(found);
+        self.shared.lock(env).alloc_thorough(order, prefs)
+    }
+
+    /// Whether an allocation about to fail may drain every CPU's cache: not if another one
+    /// did during this tick of the coarse clock (always where the clock does not move: loom
+    /// and Miri).
+    fn may_drain_for_exhaustion(&self) -> bool {
+        let now = crate::sync::now_ms();
+        if now == 0 {
+            return true;
         }
-        Err(AllocError::Exhausted { order })
+        let last = self
+            .last_exhaustion_drain
+            .load(crate::sync::Ordering::Relaxed);
+        last != now
+            && self
+                .last_exhaustion_drain
+                .compare_exchange(
+                    last,
+                    now,
+                    crate::sync::Ordering::Relaxed,
+                    crate::sync::Ordering::Relaxed,
+                )
+                .is_ok()
     }
 
     /// Allocates one block of `order` and, under the same lock of the caller's shard, up to
@@ -99,6 +171,21 @@ impl PoolCore {
     /// Frees allocated blocks of `order`, taking each owner's lock once per run of blocks
     /// it owns. For [`LocalCache`](crate::LocalCache) spills; the blocks are not checked.
     pub(crate) fn free_batch(&self, blocks: impl Iterator<Item = FrameIdx>, order: u8) {
+        self.free_batch_since(blocks, order, FrameState::LocalCached, None);
+    }
+
+    /// Frees blocks of `order` whose entries say `state` (a cache held them), locking each
+    /// owner once per run of blocks it owns. With `since`, they go straight to the buddy
+    /// lists as free since then (out of a per-CPU cache: no second cache); without, through
+    /// the shard's ordinary free.
+    pub(super) fn free_batch_since(
+        &self,
+        blocks: impl Iterator<Item = FrameIdx>,
+        order: u8,
+        state: FrameState,
+        since: impl Into<Option<u32>>,
+    ) {
+        let since = since.into();
         let env = self.env();
         let mut held: Option<(Owner, Locked<'_>)> = None;
         for idx in blocks {
@@ -114,10 +201,13 @@ impl PoolCore {
             let (_, shard) = held.as_mut().expect("locked above");
             debug_assert_eq!(
                 self.table.frame(idx).get(),
-                (crate::frame_table::FrameState::LocalCached, order),
-                "a LocalCache gives back only blocks it holds"
+                (state, order),
+                "a cache gives back only blocks it holds"
             );
-            shard.free(idx, order);
+            match since {
+                Some(since) => shard.free_since(idx, order, since),
+                None => shard.free(idx, order),
+            }
         }
         if let Some((_, shard)) = held {
             self.unlock(shard);
@@ -151,7 +241,23 @@ impl PoolCore {
     }
 
     /// Frees the block starting at `idx`, checking it is allocated (with `order`, if given).
+    #[inline]
     pub(crate) fn free_frame(&self, idx: FrameIdx, order: Option<u8>) -> Result<u8, FreeError> {
+        // Without a lock: the caller owns an allocated block, and nobody else writes its
+        // entry, so what it says is true. Anything else (a double free, an interior
+        // pointer) takes the locked path, which names the error.
+        if let Some(actual) = self.owned_order(idx)
+            && order.is_none_or(|given| given == actual)
+            && self.free_to_cache(idx, actual)
+        {
+            return Ok(actual);
+        }
+        self.free_to_shard(idx, order)
+    }
+
+    /// Frees to the owning shard, under its lock, checking the block there.
+    #[inline(never)]
+    fn free_to_shard(&self, idx: FrameIdx, order: Option<u8>) -> Result<u8, FreeError> {
         self.with_owner(idx, |shard| {
             let actual = shard.allocated_order(idx)?;
             if let Some(given) = order
@@ -164,15 +270,43 @@ impl PoolCore {
         })
     }
 
-    /// The order of the allocated block starting at `ptr`.
+    /// The order of the block at `idx` if its entry says "allocated", read without a lock:
+    /// true for the block's owner, who is the only writer of that entry.
+    #[inline]
+    pub(crate) fn owned_order(&self, idx: FrameIdx) -> Option<u8> {
+        match self.table.frame(idx).get() {
+            (FrameState::Allocated, order) => Some(order),
+            _ => None,
+        }
+    }
+
+    /// The order of the allocated block starting at `ptr`: without a lock when its entry
+    /// says "allocated" (see [`owned_order`](Self::owned_order)), else under the owner's lock,
+    /// which names the error.
     pub(crate) fn order_of(&self, ptr: *const u8) -> Result<u8, FreeError> {
         let idx = self.frame_of(ptr)?;
+        if let Some(order) = self.owned_order(idx) {
+            return Ok(order);
+        }
         self.with_owner(idx, |shard| shard.allocated_order(idx))
     }
 
     /// Grows the allocated block at `idx` from `from` to `to` in place, if its buddies are free.
     pub(crate) fn grow_frame(&self, idx: FrameIdx, from: u8, to: u8) -> bool {
-        to <= self.resolved.max_order && self.with_owner(idx, |shard| shard.grow(idx, from, to))
+        if to > self.resolved.max_order {
+            return false;
+        }
+        if self.with_owner(idx, |shard| shard.grow(idx, from, to)) {
+            return true;
+        }
+        // A buddy that starts with a block in a per-CPU cache may be free once the caches
+        // are drained (which cannot happen under the shard lock: a drain frees into it).
+        let cached =
+            (from..to).any(|o| self.table.frame(idx.buddy(o)).state() == FrameState::CpuCached);
+        cached && {
+            self.drain_cpu_caches();
+            self.with_owner(idx, |shard| shard.grow(idx, from, to))
+        }
     }
 
     /// Shrinks the allocated block at `idx` from `from` to `to`, freeing the rest.
@@ -180,8 +314,10 @@ impl PoolCore {
         self.with_owner(idx, |shard| shard.shrink(idx, from, to));
     }
 
-    /// Merges every shard's small-block cache back into its buddy lists.
+    /// Drains every per-CPU cache into the shards and merges every shard's small-block
+    /// cache back into its buddy lists.
     pub(crate) fn drain_caches(&self) {
+        self.drain_cpu_caches();
         let env = self.env();
         for shard in self.shards.iter() {
             let mut locked = shard.lock(&env);

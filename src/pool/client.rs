@@ -8,6 +8,7 @@
 use super::PoolCore;
 
 /// What the pool asks of a layer that holds some of its memory.
+#[cfg_attr(any(loom, miri), allow(dead_code))] // no fork handlers there
 pub(crate) trait Client: Sync {
     /// Gives back to the pool what sat unused for at least `idle_ms` (everything for
     /// `None`). Returns the milliseconds until something it still holds could turn idle,
@@ -38,8 +39,15 @@ impl PoolCore {
     /// back what sat idle for `idle_ms` (everything for `None`); returns the milliseconds
     /// until more could turn idle.
     pub(crate) fn release_idle_caches(&self, idle_ms: Option<u32>) -> Option<u32> {
-        self.client()
-            .and_then(|client| client.release_idle(idle_ms))
+        // The client first: what it gives back may land in a per-CPU cache.
+        let client = self
+            .client()
+            .and_then(|client| client.release_idle(idle_ms));
+        let cpu = self.release_idle_cpu_caches(idle_ms);
+        match (client, cpu) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// The attached client, if any.

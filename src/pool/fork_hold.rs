@@ -72,6 +72,11 @@ impl PoolCore {
     /// hinter had isolated (as unhinted), and drops the requests of threads waiting for
     /// capture (they do not exist here) with their reservations.
     pub(crate) fn recover_after_fork(&self) {
+        if let Some(cpu) = &self.cpu {
+            // A CPU another thread was draining (or, portable, had locked) at the fork.
+            // SAFETY: the only thread of the child, in its fork handler.
+            unsafe { cpu.reopen_after_fork() };
+        }
         let env = self.env();
         for shard in self.all_shards() {
             let mut locked = shard.lock(&env);

@@ -205,11 +205,13 @@ fn serve(registry: &'static Registry, generation: u64) {
                 Some(config.interval)
             }
         };
+        // Whatever asks next, no pass before an interval has passed: a busy allocator's
+        // requests cannot keep the thread spinning.
+        entry.not_before = done.checked_add(config.interval);
         match next.and_then(|after| done.checked_add(after)) {
             Some(due) => entry.due = Some(due),
             None => {
                 entry.due = None;
-                entry.not_before = done.checked_add(config.interval);
                 core.signal.finish();
             }
         }

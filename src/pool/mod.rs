@@ -44,6 +44,7 @@ use crate::{FRAME_SHIFT, FRAME_SIZE};
 mod alloc;
 mod audit;
 pub(crate) mod client;
+pub(crate) mod cpu_cache;
 #[cfg(not(any(loom, miri)))]
 mod fork_hold;
 mod hinter;
@@ -75,6 +76,13 @@ pub(crate) struct PoolCore {
     pub(crate) resolved: Resolved,
     /// Blocks each order's small-block cache may hold.
     cache_limits: [u32; crate::shard::ORDERS],
+    /// Per-CPU caches in front of the shards, unless switched off.
+    pub(crate) cpu: Option<cpu_cache::CpuCaches>,
+    /// Orders `0..cached_orders` go through the per-CPU caches (0 without them): one
+    /// compare on the fast paths.
+    cached_orders: u8,
+    /// When an allocation about to fail last drained every per-CPU cache (`now_ms`).
+    last_exhaustion_drain: crate::sync::AtomicU32,
     /// Its place in the process's registry of pools.
     pub(crate) entry: registry::Entry,
     /// The layer above that keeps some of its memory, if any (see [`client`]).
@@ -98,6 +106,13 @@ impl PoolCore {
             CachePadded::new(Shard::new(ShardId::Local(i), 0, resolved.max_order))
         })
         .map_err(BuildError::Map)?;
+        let cpu = cpu_cache::CpuCaches::new(
+            config.cpu_cache,
+            config.cpu_cache_bytes,
+            resolved.max_order,
+            config.backing,
+        )
+        .map_err(BuildError::Map)?;
         let advisor: &'static dyn Advisor = match (config.hint.advisor, region.is_mapped()) {
             (Some(advisor), _) => advisor,
             (None, true) => &advice::OS_ADVISOR,
@@ -120,6 +135,9 @@ impl PoolCore {
             config: *config,
             resolved,
             cache_limits: cache_limits(config.cache_blocks, resolved.max_order),
+            cached_orders: cpu.as_ref().map_or(0, |c| c.orders()),
+            last_exhaustion_drain: crate::sync::AtomicU32::new(0),
+            cpu,
             entry: registry::Entry::new(),
             client: std::sync::OnceLock::new(),
             #[cfg(not(any(loom, miri)))]
@@ -199,6 +217,15 @@ impl PoolCore {
         Ok(FrameIdx((offset >> FRAME_SHIFT) as u32))
     }
 
+    /// The frame of a block this pool handed out (a [`Block`](crate::Block) says so):
+    /// no bounds check.
+    #[inline]
+    pub(crate) fn frame_of_own(&self, ptr: *const u8) -> FrameIdx {
+        let offset = (ptr as usize).wrapping_sub(self.region.base().as_ptr() as usize);
+        debug_assert!(self.region.offset_of(ptr).is_some());
+        FrameIdx((offset >> FRAME_SHIFT) as u32)
+    }
+
     /// Whether `ptr` lies inside the region.
     #[inline]
     pub(crate) fn contains(&self, ptr: *const u8) -> bool {
@@ -232,6 +259,8 @@ fn cache_limits(blocks: u32, max_order: u8) -> [u32; crate::shard::ORDERS] {
 
 impl Drop for PoolCore {
     fn drop(&mut self) {
+        // Cached blocks are free: count and release them as such.
+        self.drain_cpu_caches();
         let allocated: u64 = self
             .all_shards()
             .flat_map(|s| s.counters.iter())

@@ -24,8 +24,11 @@ pub struct OrderStats {
     pub zero: u64,
     /// Free blocks in the shards' small-block caches (unmerged).
     pub cached: u64,
-    /// Blocks handed out.
+    /// Blocks handed out (not counting those in per-CPU caches).
     pub allocated: u64,
+    /// Free blocks in the per-CPU caches, all CPUs (not counted in `free`, which is the
+    /// shards' count).
+    pub cpu_cached: u64,
     /// Blocks the hinter holds while advising the kernel.
     pub in_flight: u64,
     /// Blocks that ever entered this order's free lists (monotonic).
@@ -94,6 +97,13 @@ pub struct Stats {
     /// Bytes held, free, by [`LocalCache`](crate::LocalCache)s: part of `allocated_bytes`,
     /// since no other allocation can take them.
     pub local_cache_bytes: u64,
+    /// Free bytes in the per-CPU caches: part of `free_bytes` (the shards count them as
+    /// allocated; no user holds them).
+    pub cpu_cache_bytes: u64,
+    /// Free bytes in each CPU's cache, by CPU number (empty without per-CPU caches).
+    pub cpu_cache_bytes_per_cpu: Vec<u64>,
+    /// Which per-CPU cache implementation runs (`Rseq` or `Portable`), `None` when off.
+    pub cpu_cache: Option<crate::config::CpuCacheMode>,
     /// Free bytes per shard (the shared pool of whole chunks last).
     pub free_bytes_per_shard: Vec<u64>,
     /// Per-order counts, order 0 first.
@@ -145,10 +155,39 @@ impl Stats {
             }
             stats.free_bytes_per_shard.push(shard_free);
         }
+        // A whole chunk moving between a shard and the shared pool while they were read
+        // one after the other can count twice: keep each order within what fits, and its
+        // figures consistent with each other.
+        for o in stats.orders.iter_mut() {
+            let fits = (core.resolved.capacity / o.block_size) as u64;
+            if o.free > fits {
+                o.bound_total += o.free - fits;
+                o.free = fits;
+                o.hinted = o.hinted.min(o.free);
+                o.zero = o.zero.min(o.free - o.hinted);
+                o.unhinted = o.free - o.hinted - o.zero;
+                o.cached = o.cached.min(o.unhinted);
+            }
+        }
+        // Blocks in per-CPU caches are allocated as far as the shards know, and free as far
+        // as users do.
+        if let Some(cpu) = &core.cpu {
+            stats.cpu_cache = Some(match cpu.implementation() {
+                crate::percpu::CpuCacheImpl::Rseq => crate::config::CpuCacheMode::Rseq,
+                crate::percpu::CpuCacheImpl::Portable => crate::config::CpuCacheMode::Portable,
+            });
+            stats.cpu_cache_bytes_per_cpu = (0..cpu.cpus()).map(|c| cpu.bytes(c)).collect();
+            for o in stats.orders.iter_mut() {
+                let held: u64 = (0..cpu.cpus()).map(|c| cpu.blocks(c, o.order)).sum();
+                o.cpu_cached = held.min(o.allocated);
+                o.allocated -= o.cpu_cached;
+            }
+        }
         for o in &stats.orders {
             let size = o.block_size as u64;
             stats.allocated_bytes += o.allocated * size;
-            stats.free_bytes += o.free * size;
+            stats.cpu_cache_bytes += o.cpu_cached * size;
+            stats.free_bytes += (o.free + o.cpu_cached) * size;
             stats.in_flight_bytes += o.in_flight * size;
             stats.hinted_bytes += o.hinted * size;
             stats.zero_bytes += o.zero * size;
@@ -164,6 +203,7 @@ impl Stats {
             &mut stats.hinted_bytes,
             &mut stats.zero_bytes,
             &mut stats.cached_bytes,
+            &mut stats.cpu_cache_bytes,
         ] {
             *total = (*total).min(cap);
         }
@@ -235,7 +275,7 @@ impl fmt::Display for Stats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         writeln!(
             f,
-            "pagepool: capacity {}, {} shards | allocated {} (in local caches {}) | free {} (hinted {}, zero {}, cached {}) | in flight {}",
+            "pagepool: capacity {}, {} shards | allocated {} (in local caches {}) | free {} (hinted {}, zero {}, shard caches {}, per-CPU caches {}{}) | in flight {}",
             human(self.capacity as u64),
             self.shards,
             human(self.allocated_bytes),
@@ -244,11 +284,17 @@ impl fmt::Display for Stats {
             human(self.hinted_bytes),
             human(self.zero_bytes),
             human(self.cached_bytes),
+            human(self.cpu_cache_bytes),
+            match self.cpu_cache {
+                Some(crate::config::CpuCacheMode::Rseq) => ", rseq",
+                Some(_) => ", portable",
+                None => ", off",
+            },
             human(self.in_flight_bytes),
         )?;
         writeln!(
             f,
-            "{:>5} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12}",
+            "{:>5} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>9} {:>12}",
             "order",
             "size",
             "allocated",
@@ -257,15 +303,21 @@ impl fmt::Display for Stats {
             "hinted",
             "zero",
             "cached",
+            "per-CPU",
             "freed total"
         )?;
         for o in &self.orders {
-            if o.free == 0 && o.allocated == 0 && o.freed_total == 0 && o.in_flight == 0 {
+            if o.free == 0
+                && o.allocated == 0
+                && o.freed_total == 0
+                && o.in_flight == 0
+                && o.cpu_cached == 0
+            {
                 continue;
             }
             writeln!(
                 f,
-                "{:>5} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>12}",
+                "{:>5} {:>9} {:>10} {:>10} {:>9} {:>9} {:>8} {:>10} {:>9} {:>12}",
                 o.order,
                 human(o.block_size as u64),
                 o.allocated,
@@ -274,6 +326,7 @@ impl fmt::Display for Stats {
                 o.hinted,
                 o.zero,
                 o.cached,
+                o.cpu_cached,
                 o.freed_total
             )?;
         }

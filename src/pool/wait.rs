@@ -80,7 +80,7 @@ impl PoolCore {
         };
         self.capture.counters.waits.fetch_add(1, Ordering::Relaxed);
         wait.reserve();
-        let filled = self.capture.wait(&wait.request, deadline);
+        let filled = self.wait_filled(&wait.request, deadline);
         match wait.finish(filled) {
             // Handed over, perhaps just at the deadline: it is ours.
             Some(idx) => Ok(idx),
@@ -91,6 +91,26 @@ impl PoolCore {
                     .fetch_add(1, Ordering::Relaxed);
                 Err(AllocError::Timeout { order })
             }
+        }
+    }
+
+    /// Waits for the request to be filled until `deadline`. Every few milliseconds it drains
+    /// the per-CPU caches: a free that read "nobody waits" just before the request was
+    /// published may have left its block in a cache, where it cannot coalesce.
+    fn wait_filled(&self, request: &Request, deadline: Option<Instant>) -> Option<FrameIdx> {
+        const RECHECK: Duration = Duration::from_millis(10);
+        loop {
+            let slice = match (deadline, Instant::now().checked_add(RECHECK)) {
+                (Some(deadline), Some(next)) => Some(deadline.min(next)),
+                (deadline, next) => deadline.or(next),
+            };
+            if let Some(idx) = self.capture.wait(request, slice) {
+                return Some(idx);
+            }
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return None;
+            }
+            self.drain_cpu_caches();
         }
     }
 

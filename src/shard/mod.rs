@@ -527,6 +527,13 @@ impl<'a> Locked<'a> {
         self.insert_free(idx, order, FreeClass::Unhinted, now);
     }
 
+    /// Frees an allocated block (validated by the caller) straight into the buddy lists,
+    /// as free since `since`: for blocks coming out of a cache above the shard.
+    pub(crate) fn free_since(&mut self, idx: FrameIdx, order: u8, since: u32) {
+        bump(&self.counters(order).allocated, DEC);
+        self.insert_free(idx, order, FreeClass::Unhinted, since);
+    }
+
     /// Puts a free block that became free at `since` (ms, `now_ms`) into the buddy lists,
     /// merging it with free buddies first. A merged block is as warm as its warmest part:
     /// it keeps the latest `since` of the two.

@@ -4,15 +4,24 @@
 //! Each test file is its own crate and uses only some of these.
 #![allow(dead_code, unreachable_pub)]
 
-use pagepool::{Block, PagePool, PoolBuilder, Stats, block_size};
+use pagepool::{Block, CpuCacheMode, PagePool, PoolBuilder, Stats, block_size};
 
 /// Bytes in MiB.
 pub const MIB: usize = 1 << 20;
 /// A 4 MiB chunk (order 10), the default largest block.
 pub const CHUNK: usize = 4 * MIB;
 
-/// A quiet pool: `chunks` chunks of order 10 over `shards` shards, no hinter thread.
+/// A quiet pool of the buddy core alone: `chunks` chunks of order 10 over `shards`
+/// shards, no hinter thread, no per-CPU caches in front (so frees reach the shards at
+/// once and blocks are handed out in address order, which tests of splitting, merging and
+/// capture rely on).
 pub fn quiet(chunks: usize, shards: usize) -> PoolBuilder {
+    cached(chunks, shards).cpu_cache(CpuCacheMode::Off)
+}
+
+/// Like [`quiet`], with the per-CPU caches as the pool would have them (`Auto`: the
+/// `PAGEPOOL_CPU_CACHE` environment variable picks the implementation).
+pub fn cached(chunks: usize, shards: usize) -> PoolBuilder {
     PagePool::builder()
         .capacity(chunks * CHUNK)
         .max_order(10)

@@ -86,6 +86,13 @@ pub enum Kind {
     Pagepool,
     /// The same pool through a per-thread `LocalCache`.
     PagepoolCache,
+    /// The same pool through raw pointers: `Block::into_raw` and `free_raw`.
+    PagepoolRaw,
+    /// A pool whose per-CPU caches use the portable implementation (a per-CPU lock).
+    PagepoolPortable,
+    /// `PoolAlloc` (its own instance, not the process's global allocator) through
+    /// `GlobalAlloc::alloc` / `dealloc` with page-sized, page-aligned layouts.
+    PoolAlloc,
     /// glibc `posix_memalign` / `free`.
     System,
     /// mimalloc, `mi_malloc_aligned` through its `GlobalAlloc`.
@@ -101,9 +108,12 @@ pub enum Kind {
 }
 
 /// Every allocator, in table order.
-pub const ALL: [Kind; 8] = [
+pub const ALL: [Kind; 11] = [
     Kind::Pagepool,
     Kind::PagepoolCache,
+    Kind::PagepoolRaw,
+    Kind::PagepoolPortable,
+    Kind::PoolAlloc,
     Kind::System,
     Kind::Mimalloc,
     Kind::Jemalloc,
@@ -118,6 +128,9 @@ impl Kind {
         match self {
             Kind::Pagepool => "pagepool",
             Kind::PagepoolCache => "pagepool+cache",
+            Kind::PagepoolRaw => "pagepool raw",
+            Kind::PagepoolPortable => "pagepool portable",
+            Kind::PoolAlloc => "PoolAlloc",
             Kind::System => "system",
             Kind::Mimalloc => "mimalloc",
             Kind::Jemalloc => "jemalloc",
@@ -134,7 +147,14 @@ impl Kind {
 
     /// Whether this is one of pagepool's front ends (a column ratios are taken for).
     pub fn is_pagepool(self) -> bool {
-        matches!(self, Kind::Pagepool | Kind::PagepoolCache)
+        matches!(
+            self,
+            Kind::Pagepool
+                | Kind::PagepoolCache
+                | Kind::PagepoolRaw
+                | Kind::PagepoolPortable
+                | Kind::PoolAlloc
+        )
     }
 
     /// Whether the allocator serves blocks of `order`.
@@ -176,6 +196,55 @@ impl PageAlloc for Pool {
     #[inline]
     unsafe fn free(&self, handle: Self::Handle, _order: u8) {
         self.0.free(handle);
+    }
+}
+
+/// pagepool through raw pointers, as a runtime or an FFI boundary uses it.
+pub struct PoolRaw(pub PagePool);
+
+impl PageAlloc for PoolRaw {
+    direct_local!();
+    type Handle = Raw;
+    #[inline]
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        self.0.alloc(order).ok().map(|b| Raw(b.into_raw()))
+    }
+    #[inline]
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.0.as_ptr()
+    }
+    #[inline]
+    unsafe fn free(&self, handle: Self::Handle, _order: u8) {
+        // SAFETY: the caller passes a block of this pool, not freed since.
+        let freed = unsafe { self.0.free_raw(handle.0) };
+        debug_assert!(freed.is_ok());
+    }
+}
+
+/// pagepool's `GlobalAlloc` adapter, its own instance (leaked: an adapter with a built
+/// pool must not move).
+pub struct PoolAllocPages(pub &'static pagepool::PoolAlloc);
+
+impl PageAlloc for PoolAllocPages {
+    direct_local!();
+    type Handle = Raw;
+    #[inline]
+    fn alloc(&self, order: u8) -> Option<Self::Handle> {
+        let size = size_of_order(order);
+        let layout = std::alloc::Layout::from_size_align(size, 4096).ok()?;
+        // SAFETY: a non-zero layout.
+        NonNull::new(unsafe { std::alloc::GlobalAlloc::alloc(self.0, layout) }).map(Raw)
+    }
+    #[inline]
+    fn ptr(handle: &Self::Handle) -> *mut u8 {
+        handle.0.as_ptr()
+    }
+    #[inline]
+    unsafe fn free(&self, handle: Self::Handle, order: u8) {
+        let layout =
+            std::alloc::Layout::from_size_align(size_of_order(order), 4096).expect("valid layout");
+        // SAFETY: allocated above with this layout.
+        unsafe { std::alloc::GlobalAlloc::dealloc(self.0, handle.0.as_ptr(), layout) };
     }
 }
 
@@ -243,6 +312,13 @@ impl Default for PoolOpts {
 
 /// Builds a pagepool of `capacity` bytes; everything else default unless `opts` says.
 pub fn build_pool(capacity: usize, opts: PoolOpts) -> PagePool {
+    pool_builder(capacity, opts)
+        .build()
+        .expect("pagepool builds")
+}
+
+/// The builder of [`build_pool`].
+pub fn pool_builder(capacity: usize, opts: PoolOpts) -> pagepool::PoolBuilder {
     PagePool::builder()
         .capacity(capacity)
         .hint_thread(opts.hinter)
@@ -250,8 +326,6 @@ pub fn build_pool(capacity: usize, opts: PoolOpts) -> PagePool {
         .policy(opts.policy)
         .capture(opts.capture)
         .capture_reserve(opts.capture_reserve)
-        .build()
-        .expect("pagepool builds")
 }
 
 // --- system -----------------------------------------------------------------------------
@@ -480,6 +554,12 @@ impl PageAlloc for Mmap {
 pub struct Allocs {
     /// pagepool.
     pub pool: Pool,
+    /// A pool used through raw pointers.
+    pub pool_raw: PoolRaw,
+    /// A pool with the portable per-CPU caches.
+    pub pool_portable: Pool,
+    /// `PoolAlloc`, used directly.
+    pub pool_alloc: PoolAllocPages,
     /// A second pool of the same size, used through per-thread `LocalCache`s (built only
     /// when asked for: it is leaked).
     pub pool_cached: Option<PoolCached>,
@@ -502,6 +582,18 @@ impl Allocs {
     pub fn new(capacity: usize, kinds: &[Kind], opts: PoolOpts) -> Self {
         Self {
             pool: Pool(build_pool(capacity, opts)),
+            pool_raw: PoolRaw(build_pool(capacity, opts)),
+            pool_portable: Pool(
+                pool_builder(capacity, opts)
+                    .cpu_cache(pagepool::CpuCacheMode::Portable)
+                    .build()
+                    .expect("pagepool builds"),
+            ),
+            pool_alloc: PoolAllocPages(Box::leak(Box::new(pagepool::PoolAlloc::with_config(
+                pagepool::PoolBuilder::new()
+                    .capacity(capacity)
+                    .max_order(pagepool::GLOBAL_MAX_ORDER),
+            )))),
             pool_cached: kinds
                 .contains(&Kind::PagepoolCache)
                 .then(|| PoolCached(Box::leak(Box::new(build_pool(capacity, opts))))),
@@ -518,6 +610,9 @@ impl Allocs {
     pub fn visit<J: Job>(&self, kind: Kind, job: &mut J) -> J::Out {
         match kind {
             Kind::Pagepool => job.run(&self.pool, kind),
+            Kind::PagepoolRaw => job.run(&self.pool_raw, kind),
+            Kind::PagepoolPortable => job.run(&self.pool_portable, kind),
+            Kind::PoolAlloc => job.run(&self.pool_alloc, kind),
             Kind::PagepoolCache => job.run(
                 self.pool_cached
                     .as_ref()

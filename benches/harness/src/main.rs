@@ -36,7 +36,8 @@ commands (default: all):
   capture      order-9 alloc_wait under order-0 churn, capture on vs off
 
 flags (defaults in brackets):
-  --allocs LIST        allocators [pagepool,system,mimalloc,jemalloc,lgalloc,buddy_sys,mmap]
+  --allocs LIST        allocators, comma-separated [all: pagepool, pagepool+cache, pagepool raw,
+                       pagepool portable, PoolAlloc, system, mimalloc, jemalloc, lgalloc, buddy_sys, mmap]
   --rounds N           interleaved rounds per measurement [5]
   --capacity-mib N     pagepool / buddy heap size [512]
   --target-ms N        time per timed measurement; iterations are calibrated to it [150]

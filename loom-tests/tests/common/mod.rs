@@ -14,10 +14,11 @@ use std::time::Duration;
 use loom::sync::Arc;
 use loom::thread::{self, JoinHandle};
 
-use pagepool::{Backing, Block, PagePool, PoolBuilder, block_size};
+use pagepool::{Backing, Block, CpuCacheMode, PagePool, PoolBuilder, block_size};
 
 /// A pool of `chunks` chunks of order `max_order`, two shards, no hinter thread, no
-/// small-block cache (so every free merges at once).
+/// small-block cache and no per-CPU caches (so every free merges at once): the buddy
+/// protocols alone. The per-CPU caches have models of their own (`cpu_cache.rs`).
 pub fn builder(chunks: usize, max_order: u8) -> PoolBuilder {
     PagePool::builder()
         .capacity(chunks * block_size(max_order))
@@ -26,6 +27,7 @@ pub fn builder(chunks: usize, max_order: u8) -> PoolBuilder {
         .backing(Backing::Heap)
         .hint_thread(false)
         .cache_blocks(0)
+        .cpu_cache(CpuCacheMode::Off)
 }
 
 /// Runs a model with the preemption bound from `LOOM_MAX_PREEMPTIONS` (2 if unset), and

@@ -103,10 +103,16 @@ impl HintSignal {
     }
 
     /// Requests a pass; rings the doorbell only on the transition from idle.
+    #[inline]
     pub(crate) fn request(&self) {
         if self.state.load(Ordering::Relaxed) == REQUESTED {
             return;
         }
+        self.request_slow();
+    }
+
+    #[cold]
+    fn request_slow(&self) {
         if self.state.swap(REQUESTED, Ordering::AcqRel) == IDLE {
             self.doorbell.ring();
         }
