@@ -135,6 +135,7 @@ pub struct PoolBuilder {
     pub(crate) keep_chunks: u32,
     pub(crate) cpu_cache: CpuCacheMode,
     pub(crate) cpu_cache_bytes: usize,
+    pub(crate) resident_free_limit: Option<usize>,
 }
 
 impl std::fmt::Debug for PoolBuilder {
@@ -184,6 +185,7 @@ impl PoolBuilder {
             keep_chunks: 2,
             cpu_cache: CpuCacheMode::Auto,
             cpu_cache_bytes: DEFAULT_CPU_CACHE_BYTES,
+            resident_free_limit: None,
         }
     }
 
@@ -283,6 +285,19 @@ impl PoolBuilder {
     /// the thread less often but leaves up to `mark - 1` blocks per shard resident.
     pub const fn hint_high_water(mut self, blocks: usize) -> Self {
         self.hint.high_water = blocks;
+        self
+    }
+
+    /// A budget for free memory that stays resident: the hinter keeps the pool's free but
+    /// resident bytes (its caches included) at or below `bytes`, whatever `hint_delay`
+    /// says, giving back the oldest of the largest blocks first (blocks of any order,
+    /// warm or not, once the cold ones are not enough). So an operator sets bytes, not
+    /// milliseconds. 0: every free block is given back on the next pass after its free
+    /// (at most `hint_interval` later). Default: no budget, only `hint_delay`. Needs the
+    /// hinter thread (or calls of `release_idle`). `build` rejects a budget above the
+    /// capacity, which could never act.
+    pub const fn resident_free_limit(mut self, bytes: usize) -> Self {
+        self.resident_free_limit = Some(bytes);
         self
     }
 
@@ -409,6 +424,12 @@ impl PoolBuilder {
         }
         if self.hint.interval > MAX_HINT_DURATION {
             return invalid("hint_interval", "at most 24 days (MAX_HINT_DURATION)");
+        }
+        if self
+            .resident_free_limit
+            .is_some_and(|limit| limit > chunks * chunk_bytes)
+        {
+            return invalid("resident_free_limit", "at most the pool's capacity");
         }
         let capture_min_order = match self.capture_min_order {
             None => 3.min(self.max_order),

@@ -111,10 +111,11 @@ pub use error::{AllocError, BuildError, FreeError};
 #[cfg(not(loom))]
 pub use front::global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
 pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
-pub use front::{Block, HintReport, PagePool};
+pub use front::{Block, PagePool};
 #[doc(hidden)]
 pub use os::advice::Advisor;
 pub use os::memory::{ProcessMemory, minor_faults};
+pub use pool::release::HintReport;
 pub use pool::stats::{CaptureStats, HintStats, OrderStats, Stats};
 pub use pool::wait::RECLAIM_STALL_ROUNDS;
 

@@ -57,7 +57,7 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("FreeError", "error"),
     ("Block", "front::block"),
     ("PagePool", "front::page_pool"),
-    ("HintReport", "front::page_pool"),
+    ("HintReport", "pool"),
     ("LocalCache", "front::local_cache"),
     ("DEFAULT_LOCAL_CACHE_BLOCKS", "front::local_cache"),
     ("PoolAlloc", "front::global"),

@@ -16,4 +16,4 @@ pub(crate) mod local_cache;
 pub(crate) mod page_pool;
 
 pub use block::Block;
-pub use page_pool::{HintReport, PagePool};
+pub use page_pool::PagePool;

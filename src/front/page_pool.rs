@@ -7,8 +7,8 @@ use crate::config::PoolBuilder;
 use crate::error::{AllocError, BuildError, FreeError};
 use crate::frame_table::{FrameIdx, FreeClass};
 use crate::front::block::Block;
-use crate::policy::hint;
 use crate::pool::registry::registry;
+use crate::pool::release::HintReport;
 use crate::pool::{PoolCore, Stats};
 use crate::sync::{Arc, AtomicU64, Mutex, Ordering};
 
@@ -298,12 +298,27 @@ impl PagePool {
     /// Hints every unhinted free block at or above the hint order now, whether cold or not,
     /// on the calling thread. For runtimes that drive hinting themselves.
     pub fn hint_now(&self) -> HintReport {
-        let outcome = hint::run_pass(&*self.core, None, u64::MAX);
-        HintReport {
-            blocks: outcome.blocks,
-            bytes: outcome.bytes,
-            failures: outcome.failures,
-        }
+        self.core.hint_now()
+    }
+
+    /// Gives back every free byte it can, now: drains the per-CPU caches and the shards'
+    /// caches (so what they hold merges), then hints every free block at or above the hint
+    /// order with the pool's advice (`MADV_DONTNEED` under memory pressure), whatever its
+    /// age. For a runtime after a burst, or an operator's "release idle memory now".
+    /// Blocks held by [`LocalCache`](crate::LocalCache)s stay there.
+    ///
+    /// Returns what was advised. Free blocks that were never touched are advised too (they
+    /// cost nothing either way): to see what left the process, compare
+    /// [`ProcessMemory`](crate::ProcessMemory) readings.
+    pub fn release_idle(&self) -> HintReport {
+        self.core.release_idle(self.core.hint_min_order())
+    }
+
+    /// Like [`release_idle`](Self::release_idle), and also gives back free blocks below the
+    /// hint order, down to `min_order`, with `MADV_DONTNEED` (which splits transparent huge
+    /// pages: a later use of such memory faults in 4 KiB pages).
+    pub fn release_idle_down_to(&self, min_order: u8) -> HintReport {
+        self.core.release_idle(min_order)
     }
 
     /// Asks the process's hinter thread to serve this pool (starting the thread if none
@@ -400,15 +415,4 @@ impl PoolBuilder {
     pub fn build(&self) -> Result<PagePool, BuildError> {
         PagePool::from_builder(self)
     }
-}
-
-/// What [`PagePool::hint_now`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct HintReport {
-    /// Blocks given back.
-    pub blocks: u64,
-    /// Bytes given back.
-    pub bytes: u64,
-    /// Blocks whose advice failed (they stay unhinted).
-    pub failures: u64,
 }

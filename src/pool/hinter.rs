@@ -22,7 +22,7 @@ use std::time::Instant;
 
 use super::PoolCore;
 use super::registry::{Registry, State, Thread};
-use crate::policy::hint::{cold_ms, next_pass, run_pass};
+use crate::policy::hint::{cold_ms, next_pass};
 use crate::sync::{MutexGuard, Ordering, process_id, spawn_named};
 
 impl Registry {
@@ -187,7 +187,7 @@ fn serve(registry: &'static Registry, generation: u64) {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             // Caches above the pool first: what they give back can be hinted now.
             let cached_warm_in = core.release_idle_caches(Some(cold_ms(&config)));
-            let mut outcome = run_pass(core, Some(cold_ms(&config)), config.pass_bytes as u64);
+            let mut outcome = core.regular_pass();
             if let Some(wait) = cached_warm_in {
                 outcome.next_cold_in = Some(outcome.next_cold_in.map_or(wait, |w| w.min(wait)));
             }

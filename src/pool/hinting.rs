@@ -5,7 +5,7 @@ use super::PoolCore;
 use crate::config::HintConfig;
 use crate::frame_table::{FrameIdx, FreeClass};
 use crate::os::advice::Advisor;
-use crate::policy::hint::{HintCounters, HintTarget};
+use crate::policy::hint::{HintCounters, HintTarget, PassPlan};
 use crate::shard::{Budget, Isolation};
 
 impl HintTarget for PoolCore {
@@ -16,7 +16,7 @@ impl HintTarget for PoolCore {
     fn isolate(
         &self,
         shard: usize,
-        cold_ms: Option<u32>,
+        plan: &PassPlan,
         max_blocks: usize,
         budget: &mut Budget,
         out: &mut Vec<(FrameIdx, u8)>,
@@ -25,10 +25,10 @@ impl HintTarget for PoolCore {
         let shard = self.shards.get(shard).map_or(&*self.shared, |s| &**s);
         let mut shard = shard.lock(&env);
         // Cached blocks are free memory too: merge the cold ones so they can be hinted.
-        let cache_warm_in = shard.drain_cold_cache(crate::sync::now_ms(), cold_ms);
+        let cache_warm_in = shard.drain_cold_cache(crate::sync::now_ms(), plan.cold_ms);
         let mut isolation = shard.isolate(
-            self.resolved.hint_min_order,
-            cold_ms,
+            plan.min_order..=plan.max_order,
+            plan.cold_ms,
             max_blocks,
             budget,
             out,
@@ -62,10 +62,6 @@ impl HintTarget for PoolCore {
 
     fn config(&self) -> &HintConfig {
         &self.config.hint
-    }
-
-    fn min_order(&self) -> u8 {
-        self.resolved.hint_min_order
     }
 
     fn advisor(&self) -> &dyn Advisor {

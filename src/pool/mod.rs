@@ -50,6 +50,7 @@ mod fork_hold;
 mod hinter;
 mod hinting;
 pub(crate) mod registry;
+pub(crate) mod release;
 pub(crate) mod stats;
 pub(crate) mod wait;
 
@@ -81,6 +82,8 @@ pub(crate) struct PoolCore {
     /// Orders `0..cached_orders` go through the per-CPU caches (0 without them): one
     /// compare on the fast paths.
     cached_orders: u8,
+    /// The process is under memory pressure: hint with `MADV_DONTNEED`.
+    under_pressure: std::sync::atomic::AtomicBool,
     /// When an allocation about to fail last drained every per-CPU cache (`now_ms`).
     last_exhaustion_drain: crate::sync::AtomicU32,
     /// Its place in the process's registry of pools.
@@ -137,6 +140,7 @@ impl PoolCore {
             cache_limits: cache_limits(config.cache_blocks, resolved.max_order),
             cached_orders: cpu.as_ref().map_or(0, |c| c.orders()),
             last_exhaustion_drain: crate::sync::AtomicU32::new(0),
+            under_pressure: std::sync::atomic::AtomicBool::new(false),
             cpu,
             entry: registry::Entry::new(),
             client: std::sync::OnceLock::new(),
@@ -156,7 +160,11 @@ impl PoolCore {
             handoff: &self.capture,
             policy: self.config.policy,
             max_order: self.resolved.max_order,
-            hint_min_order: self.resolved.hint_min_order,
+            news_min_order: if self.config.resident_free_limit.is_some() {
+                0
+            } else {
+                self.resolved.hint_min_order
+            },
             cache_limits: &self.cache_limits,
             keep_chunks: self.config.keep_chunks,
         }
@@ -170,6 +178,12 @@ impl PoolCore {
     #[inline]
     pub(crate) fn table(&self) -> &FrameTable {
         &self.table
+    }
+
+    /// The smallest order the hinter gives back.
+    #[inline]
+    pub(crate) fn hint_min_order(&self) -> u8 {
+        self.resolved.hint_min_order
     }
 
     #[inline]
@@ -355,8 +369,9 @@ impl PoolCore {
 
     #[cold]
     fn note_news(&self, shard: &Shard, news: FreeNews) {
-        if news.cache_started {
-            // Cached blocks are not counted as unhinted; only a pass merges them.
+        if news.cache_started || self.config.resident_free_limit.is_some() {
+            // Cached blocks are not counted as unhinted, only a pass merges them; and with
+            // a resident budget every free counts against it.
             self.signal.request();
         } else {
             let unhinted =

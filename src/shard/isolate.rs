@@ -58,13 +58,13 @@ pub(crate) struct Isolation {
 }
 
 impl Locked<'_> {
-    /// Takes cold unhinted blocks at or above `min_order` off the lists, largest first,
+    /// Takes cold unhinted blocks of `orders` off the lists, largest first,
     /// marks them isolated and appends them to `out`, until `out` holds `max_blocks` or
     /// the budget is spent. `cold_ms = None` takes every candidate. A candidate larger than
     /// what is left of the budget is skipped (smaller ones may still fit) and reported.
     pub(crate) fn isolate(
         &mut self,
-        min_order: u8,
+        orders: std::ops::RangeInclusive<u8>,
         cold_ms: Option<u32>,
         max_blocks: usize,
         budget: &mut Budget,
@@ -75,7 +75,8 @@ impl Locked<'_> {
         let mut result = Isolation::default();
         let list = self.list(FreeClass::Unhinted);
         let fifo = self.env.policy == AllocPolicy::Fifo;
-        for order in (min_order..=self.env.max_order).rev() {
+        let top = (*orders.end()).min(self.env.max_order);
+        for order in (*orders.start()..=top).rev() {
             // Oldest first: from the tail of a LIFO list, from the head of a FIFO one.
             let mut cursor = if fifo {
                 self.lists.head[order as usize][list]

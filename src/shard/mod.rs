@@ -144,7 +144,9 @@ pub(crate) struct Env<'a> {
     pub(crate) handoff: &'a dyn Handoff,
     pub(crate) policy: AllocPolicy,
     pub(crate) max_order: u8,
-    pub(crate) hint_min_order: u8,
+    /// A listed unhinted block of at least this order is news for the layer above (see
+    /// [`FreeNews::listed_hintable`]): the hint order, or 0 when every free counts.
+    pub(crate) news_min_order: u8,
     /// Blocks each order's cache may hold (0: no cache).
     pub(crate) cache_limits: &'a [u32; ORDERS],
     pub(crate) keep_chunks: u32,
@@ -597,7 +599,7 @@ impl<'a> Locked<'a> {
         }
         env.table.frame(idx).set_since(since);
         self.push(idx, order, class);
-        if class == FreeClass::Unhinted && order >= env.hint_min_order {
+        if class == FreeClass::Unhinted && order >= env.news_min_order {
             self.lists.news.listed_hintable = true;
         }
         if order == env.max_order && self.shard.id != ShardId::Shared {

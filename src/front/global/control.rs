@@ -6,10 +6,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::reentry::Reentry;
 use super::{PoolAlloc, PoolAllocStats};
-use crate::front::page_pool::HintReport;
-use crate::policy::hint;
 use crate::pool::Stats;
 use crate::pool::registry::registry;
+use crate::pool::release::HintReport;
 
 impl<F: GlobalAlloc> PoolAlloc<F> {
     // --- hinting, stats ----------------------------------------------------------------
@@ -57,11 +56,16 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         let Some(core) = self.ready_core() else {
             return HintReport::default();
         };
-        let outcome = hint::run_pass(core, None, u64::MAX);
-        HintReport {
-            blocks: outcome.blocks,
-            bytes: outcome.bytes,
-            failures: outcome.failures,
+        core.hint_now()
+    }
+
+    /// Gives back every free byte the pool can, now: see
+    /// [`PagePool::release_idle`](crate::PagePool::release_idle). Does nothing before the
+    /// pool is built.
+    pub fn release_idle(&self) -> HintReport {
+        match self.ready_core() {
+            Some(core) => core.release_idle(core.hint_min_order()),
+            None => HintReport::default(),
         }
     }
 

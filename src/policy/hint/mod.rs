@@ -34,5 +34,7 @@
 mod pass;
 mod signal;
 
-pub(crate) use pass::{HintCounters, HintTarget, cold_ms, next_pass, run_pass};
+pub(crate) use pass::{
+    HintCounters, HintTarget, PassOutcome, PassPlan, cold_ms, next_pass, run_pass,
+};
 pub(crate) use signal::{Doorbell, HintSignal};

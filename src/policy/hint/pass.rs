@@ -33,16 +33,31 @@ pub(crate) struct PassOutcome {
     pub(crate) next_cold_in: Option<u32>,
 }
 
+/// What one pass takes and how it advises the kernel.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PassPlan {
+    /// Blocks free for at least this long; `None`: every block, however warm.
+    pub(crate) cold_ms: Option<u32>,
+    /// Bytes at most (a pass takes at least one block, however large).
+    pub(crate) budget_bytes: u64,
+    /// Orders taken, largest first.
+    pub(crate) min_order: u8,
+    pub(crate) max_order: u8,
+    /// The advice.
+    pub(crate) mode: HintMode,
+}
+
 /// What the hinter needs from a pool.
 pub(crate) trait HintTarget {
     /// The shards to visit, shared pool included.
     fn shard_count(&self) -> usize;
-    /// Isolates up to `max_blocks` cold blocks of shard `shard` within `budget` (first
-    /// merging the shard's cached blocks that are cold: they are free memory too).
+    /// Isolates up to `max_blocks` blocks of shard `shard` that `plan` takes, within
+    /// `budget` (first merging the shard's cached blocks that are cold: they are free
+    /// memory too).
     fn isolate(
         &self,
         shard: usize,
-        cold_ms: Option<u32>,
+        plan: &PassPlan,
         max_blocks: usize,
         budget: &mut Budget,
         out: &mut Vec<(FrameIdx, u8)>,
@@ -57,27 +72,21 @@ pub(crate) trait HintTarget {
     /// Address of a frame.
     fn frame_addr(&self, idx: FrameIdx) -> usize;
     fn config(&self) -> &HintConfig;
-    /// The smallest order hinted.
-    fn min_order(&self) -> u8;
     fn advisor(&self) -> &dyn Advisor;
     fn counters(&self) -> &HintCounters;
 }
 
-/// Runs one pass over every shard. `cold_ms = None` hints every candidate at once.
-pub(crate) fn run_pass(
-    target: &impl HintTarget,
-    cold_ms: Option<u32>,
-    budget_bytes: u64,
-) -> PassOutcome {
+/// Runs one pass over every shard, as `plan` says.
+pub(crate) fn run_pass(target: &impl HintTarget, plan: &PassPlan) -> PassOutcome {
     let config = *target.config();
     let counters = target.counters();
-    let mut budget = Budget::new(budget_bytes / crate::FRAME_SIZE as u64);
+    let mut budget = Budget::new(plan.budget_bytes / crate::FRAME_SIZE as u64);
     let mut outcome = PassOutcome::default();
     let mut batch = Vec::with_capacity(config.batch_blocks);
     let mut ranges = Vec::with_capacity(config.batch_blocks);
     let mut ok = Vec::with_capacity(config.batch_blocks);
     let mut classes = Vec::with_capacity(config.batch_blocks);
-    let success_class = match config.mode {
+    let success_class = match plan.mode {
         HintMode::Free => FreeClass::Hinted,
         HintMode::DontNeed => FreeClass::Zero,
     };
@@ -85,7 +94,7 @@ pub(crate) fn run_pass(
         loop {
             batch.clear();
             let isolation =
-                target.isolate(shard, cold_ms, config.batch_blocks, &mut budget, &mut batch);
+                target.isolate(shard, plan, config.batch_blocks, &mut budget, &mut batch);
             if let Some(wait) = isolation.next_cold_in {
                 outcome.next_cold_in =
                     Some(outcome.next_cold_in.map_or(wait, |w: u32| w.min(wait)));
@@ -104,7 +113,7 @@ pub(crate) fn run_pass(
             ok.clear();
             ok.resize(batch.len(), false);
             let advised = catch_unwind(AssertUnwindSafe(|| {
-                target.advisor().advise(&ranges, config.mode, &mut ok)
+                target.advisor().advise(&ranges, plan.mode, &mut ok)
             }));
             match advised {
                 Ok(calls) => {
@@ -133,7 +142,7 @@ pub(crate) fn run_pass(
                 // pass, not in a loop now.
                 break;
             }
-            if budget.frames < 1 << target.min_order() {
+            if budget.frames < 1 << plan.min_order {
                 outcome.budget_spent = true;
                 break 'shards;
             }
