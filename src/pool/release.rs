@@ -106,7 +106,7 @@ impl PoolCore {
         let shards: u64 = self
             .all_shards()
             .flat_map(|s| s.counters.iter().enumerate())
-            .map(|(order, c)| c.unhinted() + c.cached.load(Ordering::Relaxed) << order)
+            .map(|(order, c)| (c.unhinted() + c.cached.load(Ordering::Relaxed)) << order)
             .sum::<u64>()
             * FRAME_SIZE as u64;
         let cpu = self
