@@ -115,6 +115,7 @@ pub use front::{Block, PagePool};
 #[doc(hidden)]
 pub use os::advice::Advisor;
 pub use os::memory::{ProcessMemory, minor_faults};
+pub use pool::evict::{Advice, BatchError};
 pub use pool::release::HintReport;
 pub use pool::stats::{CaptureStats, HintStats, OrderStats, Stats};
 pub use pool::wait::RECLAIM_STALL_ROUNDS;

@@ -58,6 +58,8 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("Block", "front::block"),
     ("PagePool", "front::page_pool"),
     ("HintReport", "pool"),
+    ("Advice", "pool"),
+    ("BatchError", "pool"),
     ("LocalCache", "front::local_cache"),
     ("DEFAULT_LOCAL_CACHE_BLOCKS", "front::local_cache"),
     ("PoolAlloc", "front::global"),

@@ -7,6 +7,7 @@ use crate::config::PoolBuilder;
 use crate::error::{AllocError, BuildError, FreeError};
 use crate::frame_table::{FrameIdx, FreeClass};
 use crate::front::block::Block;
+use crate::pool::evict::{Advice, BatchError};
 use crate::pool::registry::registry;
 use crate::pool::release::HintReport;
 use crate::pool::{PoolCore, Stats};
@@ -187,6 +188,81 @@ impl PagePool {
     pub unsafe fn free_raw_order(&self, ptr: NonNull<u8>, order: u8) -> Result<(), FreeError> {
         let idx = self.core.frame_of(ptr.as_ptr())?;
         self.core.free_frame(idx, Some(order)).map(|_| ())
+    }
+
+    /// Frees many blocks at once and tells the kernel about them in as few system calls as
+    /// it allows: one `process_madvise` per 1024 blocks where the kernel has it (Linux
+    /// 6.13+), one `madvise` per block otherwise. For buffer managers that evict pages in
+    /// batches. With [`Advice::DontNeed`](crate::Advice::DontNeed) the blocks go back
+    /// known-zero (a later `alloc_zeroed` needs no memset); with `Free` they are hinted;
+    /// with `Keep` they are freed like any other.
+    ///
+    /// # Errors
+    /// A block of another pool refuses the whole batch before anything is freed; the
+    /// blocks come back with the error. (Blocks of this pool are always allocated: a
+    /// `Block` is their only handle.)
+    ///
+    /// ```
+    /// use pagepool::{Advice, PagePool};
+    /// let pool = PagePool::builder().capacity(64 << 20).hint_thread(false).build()?;
+    /// let pages: Vec<_> = (0..64).map(|_| pool.alloc(0)).collect::<Result<_, _>>()?;
+    /// let report = pool.free_batch(pages, Advice::DontNeed).map_err(|(e, _)| e)?;
+    /// assert_eq!(report.blocks, 64);
+    /// assert_eq!(pool.stats().allocated_bytes, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    #[allow(clippy::result_large_err)] // the blocks go back to the caller
+    pub fn free_batch(
+        &self,
+        blocks: impl IntoIterator<Item = Block>,
+        advice: Advice,
+    ) -> Result<HintReport, (BatchError, Vec<Block>)> {
+        let blocks: Vec<Block> = blocks.into_iter().collect();
+        if let Some(index) = blocks.iter().position(|b| b.pool_id() != self.core.id()) {
+            let error = BatchError {
+                index,
+                error: FreeError::OutsideRegion,
+            };
+            return Err((error, blocks));
+        }
+        let mut batch: Vec<(FrameIdx, Option<u8>)> = blocks
+            .iter()
+            .map(|b| (self.core.frame_of_own(b.as_ptr()), Some(b.order())))
+            .collect();
+        if let Err(error) = self.core.check_batch(&mut batch) {
+            return Err((error, blocks));
+        }
+        let batch: Vec<(FrameIdx, u8)> = batch.iter().map(|&(i, o)| (i, o.unwrap_or(0))).collect();
+        // The handles end here; the blocks are the pool's again.
+        drop(blocks);
+        Ok(self.core.free_advised(&batch, advice))
+    }
+
+    /// [`free_batch`](Self::free_batch) by pointer: the frame table knows each order.
+    ///
+    /// # Errors
+    /// The first bad pointer (outside the region, not a block start, free, or named twice)
+    /// and what is wrong with it; then nothing was freed.
+    ///
+    /// # Safety
+    /// Each pointer must come from [`Block::into_raw`] of a live block of this pool, as for
+    /// [`free_raw`](Self::free_raw), and no other thread may free them meanwhile.
+    pub unsafe fn free_raw_batch(
+        &self,
+        blocks: &[NonNull<u8>],
+        advice: Advice,
+    ) -> Result<HintReport, BatchError> {
+        let mut batch = Vec::with_capacity(blocks.len());
+        for (index, ptr) in blocks.iter().enumerate() {
+            let idx = self
+                .core
+                .frame_of(ptr.as_ptr())
+                .map_err(|error| BatchError { index, error })?;
+            batch.push((idx, None));
+        }
+        self.core.check_batch(&mut batch)?;
+        let batch: Vec<(FrameIdx, u8)> = batch.iter().map(|&(i, o)| (i, o.unwrap_or(0))).collect();
+        Ok(self.core.free_advised(&batch, advice))
     }
 
     /// Rebuilds a [`Block`] from a pointer of [`Block::into_raw`].

@@ -80,41 +80,53 @@ impl Advisor for OsAdvisor {
         };
         let mut calls = 0;
         let mut done = 0;
-        if ranges.len() > 1 && self.batched.load(Ordering::Relaxed) != 2 {
-            calls += 1;
-            match process_madvise_self(ranges, advice) {
-                Ok(bytes) => {
-                    self.batched.store(1, Ordering::Relaxed);
-                    let mut left = bytes;
-                    while done < ranges.len() && left >= ranges[done].1 {
-                        left -= ranges[done].1;
-                        ok[done] = true;
-                        done += 1;
+        while done < ranges.len() {
+            // Several ranges at once, where the kernel can: one system call (and one TLB
+            // shootdown) instead of one per range.
+            if ranges.len() - done > 1 && self.batched.load(Ordering::Relaxed) != 2 {
+                calls += 1;
+                match process_madvise_self(&ranges[done..], advice) {
+                    Ok(bytes) => {
+                        self.batched.store(1, Ordering::Relaxed);
+                        let mut left = bytes;
+                        let start = done;
+                        while done < ranges.len() && left >= ranges[done].1 {
+                            left -= ranges[done].1;
+                            ok[done] = true;
+                            done += 1;
+                        }
+                        if done > start {
+                            continue; // the next batch; a range the kernel stopped at is
+                            // retried below, alone
+                        }
                     }
-                }
-                Err(_) => {
-                    // Unsupported here (old kernel, or advice not allowed): stop trying.
-                    if self.batched.load(Ordering::Relaxed) == 0 {
-                        self.batched.store(2, Ordering::Relaxed);
+                    Err(_) => {
+                        // Unsupported here (old kernel, or advice not allowed): stop trying.
+                        if self.batched.load(Ordering::Relaxed) == 0 {
+                            self.batched.store(2, Ordering::Relaxed);
+                        }
                     }
                 }
             }
-        }
-        for i in done..ranges.len() {
-            let (addr, len) = ranges[i];
+            let (addr, len) = ranges[done];
             calls += 1;
-            // SAFETY: the range is a page-aligned free block inside the pool's private
-            // anonymous mapping, isolated so that nobody touches it meanwhile.
-            ok[i] = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) } == 0;
+            // SAFETY: the range is a page-aligned block inside the pool's private anonymous
+            // mapping that nobody touches meanwhile (isolated, or being freed by its owner).
+            ok[done] = unsafe { libc::madvise(addr as *mut libc::c_void, len, advice) } == 0;
+            done += 1;
         }
         calls
     }
 }
 
-/// One `process_madvise` call for all ranges (at most `IOV_MAX` = 1024 of them).
+/// The most ranges one `process_madvise` call takes (`UIO_MAXIOV`).
+#[cfg(not(any(loom, miri)))]
+const MAX_IOV: usize = 1024;
+
+/// One `process_madvise` call for the first (up to [`MAX_IOV`]) ranges; returns the bytes
+/// advised (the kernel stops at the first range it fails on).
 #[cfg(not(any(loom, miri)))]
 fn process_madvise_self(ranges: &[(usize, usize)], advice: libc::c_int) -> std::io::Result<usize> {
-    const MAX_IOV: usize = 64;
     let mut iov = [libc::iovec {
         iov_base: std::ptr::null_mut(),
         iov_len: 0,

@@ -174,6 +174,31 @@ impl PoolCore {
         self.free_batch_since(blocks, order, FrameState::LocalCached, None);
     }
 
+    /// Frees allocated blocks, each as `(frame, order, class, free since)`, straight into
+    /// the buddy lists, locking each owner once per run of blocks it owns.
+    pub(super) fn free_each_as(
+        &self,
+        blocks: impl Iterator<Item = (FrameIdx, u8, FreeClass, u32)>,
+    ) {
+        let env = self.env();
+        let mut held: Option<(Owner, Locked<'_>)> = None;
+        for (idx, order, class, since) in blocks {
+            let owner = self.table.owner(idx.chunk(self.resolved.max_order));
+            if held.as_ref().is_none_or(|(o, _)| *o != owner) {
+                if let Some((_, shard)) = held.take() {
+                    self.unlock(shard);
+                }
+                held = Some(self.lock_owner(idx, &env));
+            }
+            let (_, shard) = held.as_mut().expect("locked above");
+            debug_assert_eq!(self.table.frame(idx).get(), (FrameState::Allocated, order));
+            shard.free_as(idx, order, class, since);
+        }
+        if let Some((_, shard)) = held {
+            self.unlock(shard);
+        }
+    }
+
     /// Frees blocks of `order` whose entries say `state` (a cache held them), locking each
     /// owner once per run of blocks it owns. With `since`, they go straight to the buddy
     /// lists as free since then (out of a per-CPU cache: no second cache); without, through
@@ -288,6 +313,12 @@ impl PoolCore {
         if let Some(order) = self.owned_order(idx) {
             return Ok(order);
         }
+        self.locked_order(idx)
+    }
+
+    /// The order of the allocated block at `idx`, or why it is not one, under the owner's
+    /// lock.
+    pub(crate) fn locked_order(&self, idx: FrameIdx) -> Result<u8, FreeError> {
         self.with_owner(idx, |shard| shard.allocated_order(idx))
     }
 

@@ -45,6 +45,7 @@ mod alloc;
 mod audit;
 pub(crate) mod client;
 pub(crate) mod cpu_cache;
+pub(crate) mod evict;
 #[cfg(not(any(loom, miri)))]
 mod fork_hold;
 mod hinter;

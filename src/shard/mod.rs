@@ -532,8 +532,14 @@ impl<'a> Locked<'a> {
     /// Frees an allocated block (validated by the caller) straight into the buddy lists,
     /// as free since `since`: for blocks coming out of a cache above the shard.
     pub(crate) fn free_since(&mut self, idx: FrameIdx, order: u8, since: u32) {
+        self.free_as(idx, order, FreeClass::Unhinted, since);
+    }
+
+    /// Frees an allocated block (validated by the caller) straight into the buddy lists as
+    /// `class`: for blocks the layer above already advised the kernel about.
+    pub(crate) fn free_as(&mut self, idx: FrameIdx, order: u8, class: FreeClass, since: u32) {
         bump(&self.counters(order).allocated, DEC);
-        self.insert_free(idx, order, FreeClass::Unhinted, since);
+        self.insert_free(idx, order, class, since);
     }
 
     /// Puts a free block that became free at `since` (ms, `now_ms`) into the buddy lists,
