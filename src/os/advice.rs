@@ -78,6 +78,33 @@ impl Advisor for OsAdvisor {
             HintMode::Free => libc::MADV_FREE,
             HintMode::DontNeed => libc::MADV_DONTNEED,
         };
+        if ranges.windows(2).all(|w| w[0].0 + w[0].1 != w[1].0) {
+            return self.advise_each(ranges, advice, ok);
+        }
+        // Neighbouring ranges go to the kernel as one: one walk of the page tables instead
+        // of one per range. A run that fails counts as failed for all its ranges.
+        let mut runs: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
+        let mut run_of = Vec::with_capacity(ranges.len());
+        for &(addr, len) in ranges {
+            match runs.last_mut() {
+                Some(last) if last.0 + last.1 == addr => last.1 += len,
+                _ => runs.push((addr, len)),
+            }
+            run_of.push(runs.len() - 1);
+        }
+        let mut run_ok = vec![false; runs.len()];
+        let calls = self.advise_each(&runs, advice, &mut run_ok);
+        for (ok, &run) in ok.iter_mut().zip(&run_of) {
+            *ok = run_ok[run];
+        }
+        calls
+    }
+}
+
+#[cfg(not(any(loom, miri)))]
+impl OsAdvisor {
+    /// Advises each range with `advice`, batched through `process_madvise` while it works.
+    fn advise_each(&self, ranges: &[(usize, usize)], advice: libc::c_int, ok: &mut [bool]) -> u64 {
         let mut calls = 0;
         let mut done = 0;
         while done < ranges.len() {

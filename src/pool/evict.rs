@@ -106,6 +106,10 @@ impl PoolCore {
             Advice::Free => HintMode::Free,
             Advice::DontNeed => HintMode::DontNeed,
         };
+        // In address order, so that neighbours reach the kernel as one range.
+        let mut sorted = batch.to_vec();
+        sorted.sort_unstable_by_key(|&(idx, _)| idx.0);
+        let batch = &sorted[..];
         let ranges: Vec<(usize, usize)> = batch
             .iter()
             .map(|&(idx, order)| {

@@ -6,6 +6,7 @@
 
 mod allocs;
 mod capture;
+mod embed;
 mod mem;
 mod svg;
 mod work;
@@ -34,6 +35,8 @@ commands (default: all):
   hint-refault minor faults of a reuse workload, PreferUnhinted vs Fifo (DONTNEED)
   hint-cost    throughput of a 2-thread alloc/free loop, hinter on vs off
   capture      order-9 alloc_wait under order-0 churn, capture on vs off
+  evict        free_raw_batch(DontNeed) vs madvise + free_raw per block, --evict-sizes 64,512
+  release      release_idle() after a --release-mib 1024 burst: time, Rss-LazyFree vs baseline
 
 flags (defaults in brackets):
   --allocs LIST        allocators, comma-separated [all: pagepool, pagepool+cache, pagepool raw,
@@ -54,6 +57,7 @@ flags (defaults in brackets):
   --batches LIST       capture: churn batch sizes [1024,2048,3072,4096]   --keep N [all]   --pause-ms N [5]
   --cap-rounds N       capture: rounds per mode and batch [3]
   --deadline-ms N      capture: deadline [50]     --fill F [0.9]
+  --evict-sizes LIST   evict: blocks per batch [64,512]   --release-mib N  release: burst [1024]
   --seed N             seed [42]
 ";
 
@@ -1101,6 +1105,8 @@ fn main() {
         "hint-refault",
         "hint-cost",
         "capture",
+        "evict",
+        "release",
     ];
     if !known.contains(&args.cmd.as_str()) {
         die(&format!("unknown command {}", args.cmd));
@@ -1139,6 +1145,12 @@ fn main() {
     }
     if run("capture") {
         cmd_capture(&mut ctx, &args);
+    }
+    if run("evict") {
+        embed::cmd_evict(&mut ctx, &args);
+    }
+    if run("release") {
+        embed::cmd_release(&mut ctx, &args);
     }
     ctx.say(&format!(
         "_{} finished in {:.0} s._\n",
