@@ -108,8 +108,10 @@ pub use config::{
     MAX_HINT_DURATION, PoolBuilder,
 };
 pub use error::{AllocError, BuildError, FreeError};
+pub use front::alloc_async::AllocAsync;
 #[cfg(not(loom))]
 pub use front::global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
+pub use front::guard::{BlockGuard, OwnedBlock};
 pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
 pub use front::{Block, PagePool};
 #[doc(hidden)]

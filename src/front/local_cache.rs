@@ -54,6 +54,9 @@ pub struct LocalCache<'pool> {
     /// Frames held, for `held_bytes` and `stats()`: registered with the pool, written only
     /// by this cache (a load and a store, no read-modify-write).
     held: Arc<AtomicU64>,
+    /// For a cache of a shared pool ([`PagePool::local_cache_shared`]): the `Arc` that
+    /// `pool` points into, which keeps it alive as long as the cache. Dropped last.
+    _owner: Option<std::sync::Arc<PagePool>>,
 }
 
 /// The cached blocks of one order, hottest last.
@@ -73,7 +76,70 @@ impl PagePool {
     /// each order above (at least one). `blocks == 0` caches nothing: every call goes to
     /// the pool.
     pub fn local_cache_with(&self, blocks: u32) -> LocalCache<'_> {
-        let stacks = (0..=self.max_order())
+        LocalCache::new(self, blocks, None)
+    }
+
+    /// A cache of a shared pool, with [`DEFAULT_LOCAL_CACHE_BLOCKS`]: it holds an `Arc` of
+    /// the pool instead of borrowing it, so it is `'static` and can live in a
+    /// `thread_local!`, returning its blocks when the thread exits.
+    ///
+    /// ```
+    /// use pagepool::{LocalCache, PagePool};
+    /// use std::cell::RefCell;
+    /// use std::sync::Arc;
+    ///
+    /// thread_local! {
+    ///     // One cache per thread, of whichever pool the thread was given.
+    ///     static CACHE: RefCell<Option<LocalCache<'static>>> = const { RefCell::new(None) };
+    /// }
+    ///
+    /// let pool = Arc::new(PagePool::builder().capacity(64 << 20).build()?);
+    /// let workers: Vec<_> = (0..2)
+    ///     .map(|_| {
+    ///         let pool = pool.clone();
+    ///         std::thread::spawn(move || {
+    ///             CACHE.set(Some(pool.local_cache_shared()));
+    ///             for _ in 0..1000 {
+    ///                 CACHE.with_borrow_mut(|cache| {
+    ///                     let cache = cache.as_mut().expect("installed above");
+    ///                     let block = cache.alloc(0).expect("room");
+    ///                     cache.free(block);
+    ///                 });
+    ///             }
+    ///         }) // the thread's cache returns its blocks as the thread exits
+    ///     })
+    ///     .collect();
+    /// for worker in workers {
+    ///     worker.join().unwrap();
+    /// }
+    /// assert_eq!(pool.stats().allocated_bytes, 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn local_cache_shared(self: &std::sync::Arc<Self>) -> LocalCache<'static> {
+        self.local_cache_shared_with(DEFAULT_LOCAL_CACHE_BLOCKS)
+    }
+
+    /// [`local_cache_shared`](Self::local_cache_shared) with `blocks` as in
+    /// [`local_cache_with`](Self::local_cache_with).
+    pub fn local_cache_shared_with(
+        self: &std::sync::Arc<Self>,
+        blocks: u32,
+    ) -> LocalCache<'static> {
+        let owner = self.clone();
+        // SAFETY: the reference points into the `Arc` the cache keeps in `_owner`, dropped
+        // after everything that uses it; the cache never hands the reference out.
+        let pool: &'static PagePool = unsafe { &*std::sync::Arc::as_ptr(&owner) };
+        LocalCache::new(pool, blocks, Some(owner))
+    }
+}
+
+impl<'pool> LocalCache<'pool> {
+    fn new(
+        pool: &'pool PagePool,
+        blocks: u32,
+        owner: Option<std::sync::Arc<PagePool>>,
+    ) -> LocalCache<'pool> {
+        let stacks = (0..=pool.max_order())
             .map(|order| {
                 let limit = if blocks == 0 {
                     0
@@ -87,11 +153,12 @@ impl PagePool {
             })
             .collect();
         let held = Arc::new(AtomicU64::new(0));
-        self.local_caches.lock().push(held.clone());
+        pool.local_caches.lock().push(held.clone());
         LocalCache {
-            pool: self,
+            pool,
             stacks,
             held,
+            _owner: owner,
         }
     }
 }

@@ -29,25 +29,54 @@
 //!    between, and the waiter takes it rather than leaking it (Linux's second bug). Then it
 //!    ends its reservation; a region completed in between finds no request and is freed.
 //!
-//! Lock order: shard, then queue, then request. The free path's cost when nobody waits is
+//! 6. **Async.** An async request publishes its `Waker` with it. A free that fills it
+//!    cannot wake it there (a waker runs the executor's code, which must not run under a
+//!    shard lock): it parks the waker on a ready list, and the shard wakes the list once
+//!    its lock is released ([`Handoff::after_unlock`]). Dropping the future withdraws as
+//!    in 5. A free that read "nobody waits" just before a publish and put its block in a
+//!    per-CPU cache looks again after the push (see `pool::cpu_cache`), so the block
+//!    reaches the shards even though an async waiter has no thread to look for it.
+//!
+//! Lock order: shard, then queue, then request, then the ready list. The free path's cost when nobody waits is
 //! one relaxed load of `waiting`, which the shard reads through its `Env`.
 //!
 //! May call: `shard` (the [`Handoff`] trait it defines), `frame_table`, `sync`.
 
 use std::collections::VecDeque;
+use std::task::Waker;
 use std::time::{Duration, Instant};
 
 use crate::frame_table::FrameIdx;
 use crate::shard::Handoff;
-use crate::sync::{Arc, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
+use crate::sync::{Arc, AtomicBool, AtomicU64, AtomicUsize, Condvar, Mutex, Ordering};
 
 /// One waiting request.
 pub(crate) struct Request {
     order: u8,
     /// Names the request in the reservation it may hold.
     ticket: u64,
-    filled: Mutex<Option<FrameIdx>>,
+    slot: Mutex<Slot>,
+    /// Wakes a thread blocked in [`CaptureRegistry::wait`].
     wake: Condvar,
+    /// The queue forgot the request (in a child after `fork`): nobody will fill it. Not in
+    /// the slot, whose lock a thread of the parent may have held at the fork.
+    forgotten: AtomicBool,
+}
+
+/// What a request has got, and how to tell its waiter.
+#[derive(Default)]
+struct Slot {
+    filled: Option<FrameIdx>,
+    /// An async waiter's waker, woken after the filling free releases its shard lock.
+    waker: Option<Waker>,
+}
+
+/// How an async request stands, seen by its poll.
+pub(crate) enum Polled {
+    Filled(FrameIdx),
+    Waiting,
+    /// Forgotten after `fork`: publish again.
+    Forgotten,
 }
 
 impl Request {
@@ -66,6 +95,7 @@ impl Request {
 #[cfg(not(any(loom, miri)))]
 pub(crate) struct QueueHold<'a>(
     #[allow(dead_code)] crate::sync::MutexGuard<'a, VecDeque<Arc<Request>>>,
+    #[allow(dead_code)] crate::sync::MutexGuard<'a, Vec<Waker>>,
 );
 
 /// Capture counters, read by `stats()`.
@@ -85,6 +115,8 @@ pub(crate) struct CaptureRegistry {
     waiting: AtomicUsize,
     next_ticket: AtomicU64,
     queue: Mutex<VecDeque<Arc<Request>>>,
+    /// Wakers of filled async requests, woken once the filling free unlocks its shard.
+    ready: Mutex<Vec<Waker>>,
     pub(crate) counters: CaptureCounters,
 }
 
@@ -95,6 +127,7 @@ impl CaptureRegistry {
             waiting: AtomicUsize::new(0),
             next_ticket: AtomicU64::new(0),
             queue: Mutex::new(VecDeque::new()),
+            ready: Mutex::new(Vec::new()),
             counters: CaptureCounters::default(),
         }
     }
@@ -112,13 +145,17 @@ impl CaptureRegistry {
         self.waiting.load(Ordering::Relaxed) != 0
     }
 
-    /// Registers a request for a block of `order`.
-    pub(crate) fn publish(&self, order: u8) -> Arc<Request> {
+    /// Registers a request for a block of `order`; an async one brings its `waker`.
+    pub(crate) fn publish(&self, order: u8, waker: Option<Waker>) -> Arc<Request> {
         let request = Arc::new(Request {
             order,
             ticket: self.next_ticket.fetch_add(1, Ordering::Relaxed),
-            filled: Mutex::new(None),
+            slot: Mutex::new(Slot {
+                waker,
+                ..Slot::default()
+            }),
             wake: Condvar::new(),
+            forgotten: AtomicBool::new(false),
         });
         let mut queue = self.queue.lock();
         queue.push_back(request.clone());
@@ -159,16 +196,22 @@ impl CaptureRegistry {
     fn fill(&self, queue: &mut VecDeque<Arc<Request>>, pos: usize, idx: FrameIdx) {
         let request = queue.remove(pos).expect("position is in range");
         self.waiting.fetch_sub(1, Ordering::SeqCst);
-        *request.filled.lock() = Some(idx);
+        let mut slot = request.slot.lock();
+        slot.filled = Some(idx);
+        if let Some(waker) = slot.waker.take() {
+            // Woken by `after_unlock`: a waker may run any code, none of it under our locks.
+            self.ready.lock().push(waker);
+        }
+        drop(slot);
         request.wake.notify_all();
         self.counters.captures.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Waits until the request is filled or `deadline` passes. Does not withdraw.
     pub(crate) fn wait(&self, request: &Request, deadline: Option<Instant>) -> Option<FrameIdx> {
-        let mut filled = request.filled.lock();
+        let mut slot = request.slot.lock();
         loop {
-            if let Some(idx) = filled.take() {
+            if let Some(idx) = slot.filled.take() {
                 return Some(idx);
             }
             let remaining = match deadline {
@@ -178,7 +221,7 @@ impl CaptureRegistry {
             if remaining.is_zero() {
                 return None;
             }
-            filled = request.wake.wait_timeout(filled, remaining);
+            slot = request.wake.wait_timeout(slot, remaining);
         }
     }
 
@@ -192,13 +235,43 @@ impl CaptureRegistry {
             return None;
         }
         drop(queue);
+        if request.forgotten.load(Ordering::Relaxed) {
+            return None;
+        }
         // Gone from the queue: `offer` filled it under the queue lock we just took.
-        let idx = request.filled.lock().take();
+        let mut slot = request.slot.lock();
+        slot.waker = None;
+        let idx = slot.filled.take();
         debug_assert!(
             idx.is_some(),
             "a withdrawn request left the queue only by being filled"
         );
         idx
+    }
+
+    /// An async request's poll: takes the block if it was filled, or leaves `waker` to be
+    /// woken when it is.
+    pub(crate) fn poll(&self, request: &Request, waker: &Waker) -> Polled {
+        if request.forgotten.load(Ordering::Relaxed) {
+            return Polled::Forgotten;
+        }
+        let mut slot = request.slot.lock();
+        if let Some(idx) = slot.filled.take() {
+            return Polled::Filled(idx);
+        }
+        match &mut slot.waker {
+            Some(old) if old.will_wake(waker) => {}
+            other => *other = Some(waker.clone()),
+        }
+        Polled::Waiting
+    }
+
+    /// Wakes the async waiters whose requests were filled. Called with no shard lock held.
+    pub(crate) fn wake_ready(&self) {
+        let ready = std::mem::take(&mut *self.ready.lock());
+        for waker in ready {
+            waker.wake();
+        }
     }
 
     /// Requests waiting right now.
@@ -209,7 +282,8 @@ impl CaptureRegistry {
     /// Takes the queue lock and keeps it until the hold is dropped (across `fork`).
     #[cfg(not(any(loom, miri)))]
     pub(crate) fn hold(&self) -> QueueHold<'_> {
-        QueueHold(self.queue.lock())
+        let queue = self.queue.lock();
+        QueueHold(queue, self.ready.lock())
     }
 
     /// Forgets every waiting request: in a child after `fork` their threads do not exist.
@@ -218,7 +292,12 @@ impl CaptureRegistry {
     pub(crate) fn forget_waiters(&self) {
         let mut queue = self.queue.lock();
         self.waiting.fetch_sub(queue.len(), Ordering::SeqCst);
-        queue.clear();
+        for request in queue.drain(..) {
+            // An async waiter of the forking thread may poll again: it publishes anew.
+            request.forgotten.store(true, Ordering::Relaxed);
+        }
+        // Wakers of the parent's executor: forgotten (leaked), not run.
+        std::mem::forget(std::mem::take(&mut *self.ready.lock()));
     }
 
     /// The count of waiting requests itself, for the shards' `Env`.
@@ -234,5 +313,9 @@ impl Handoff for CaptureRegistry {
 
     fn offer_reserved(&self, ticket: u64, idx: FrameIdx, claim: &mut dyn FnMut()) -> bool {
         self.offer_to(ticket, idx, claim)
+    }
+
+    fn after_unlock(&self) {
+        self.wake_ready();
     }
 }

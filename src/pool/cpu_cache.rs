@@ -248,6 +248,14 @@ impl PoolCore {
             || (self.spill(cpu, order) && cpu.stacks.push(order as usize, idx.0 as u64).is_ok())
         {
             self.note_cached();
+            // A capture request published after the check above, whose drain of this CPU
+            // ended before our push: its drain reopened the gate our push passed, so this
+            // load sees the request, and the block goes to the shards, where it can merge
+            // for it (see `policy::capture`, async). Free on x86; a load barrier elsewhere.
+            crate::sync::fence(Ordering::Acquire);
+            if self.capture.has_waiters() {
+                self.drain_cpu_caches();
+            }
             return true;
         }
         frame.set(FrameState::Allocated, order);
@@ -257,10 +265,14 @@ impl PoolCore {
     /// A block entered a per-CPU cache: the hinter must come to look at it some time.
     /// One relaxed load while a pass is requested already (the hinter keeps coming back
     /// while caches hold blocks; a pool nobody hints stays "requested"); a wake-up only on
-    /// the way out of idle.
+    /// the way out of idle, or, with a resident budget, once per pass.
     #[inline]
     fn note_cached(&self) {
-        self.signal.request();
+        if self.config.resident_free_limit.is_some() {
+            self.signal.request_urgent();
+        } else {
+            self.signal.request();
+        }
     }
 
     /// A full stack: gives half of it back to the shards, where it merges (the most
@@ -317,6 +329,18 @@ impl PoolCore {
                 if cpu.bytes(index) > 0 {
                     self.drain_cpu(cpu, index, now);
                 }
+            }
+        }
+    }
+
+    /// Drains every CPU's caches, empty-looking ones too: after a capture request is
+    /// published, a free that did not see it may be pushing to any CPU (see
+    /// `free_to_cache`), and only a drain of that CPU orders the push.
+    pub(crate) fn drain_every_cpu_cache(&self) {
+        if let Some(cpu) = &self.cpu {
+            let now = crate::sync::now_ms();
+            for index in 0..cpu.cpus() {
+                self.drain_cpu(cpu, index, now);
             }
         }
     }

@@ -370,9 +370,11 @@ impl PoolCore {
 
     #[cold]
     fn note_news(&self, shard: &Shard, news: FreeNews) {
-        if news.cache_started || self.config.resident_free_limit.is_some() {
-            // Cached blocks are not counted as unhinted, only a pass merges them; and with
-            // a resident budget every free counts against it.
+        if self.config.resident_free_limit.is_some() {
+            // With a resident budget every free counts against it, now.
+            self.signal.request_urgent();
+        } else if news.cache_started {
+            // Cached blocks are not counted as unhinted, only a pass merges them.
             self.signal.request();
         } else {
             let unhinted =

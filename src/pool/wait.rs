@@ -1,12 +1,13 @@
 //! Capture waits: a request that publishes itself, reserves a region and parks until a free
 //! hands it a block (see `policy::capture` for the protocol).
 
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use super::PoolCore;
 use crate::error::AllocError;
 use crate::frame_table::FrameIdx;
-use crate::policy::capture::Request;
+use crate::policy::capture::{Polled, Request};
 use crate::sync::{Arc, Ordering};
 
 impl PoolCore {
@@ -241,14 +242,21 @@ impl<'a> Wait<'a> {
     /// Publishes a request for `order`, then tries every shard once more (see `capture`'s
     /// protocol). A block found then is returned at once, with the request withdrawn.
     fn publish(core: &'a PoolCore, order: u8) -> Result<FrameIdx, Self> {
+        Self::publish_with(core, order, None)
+    }
+
+    /// [`publish`](Self::publish), for an async waiter woken by `waker`.
+    fn publish_with(core: &'a PoolCore, order: u8, waker: Option<Waker>) -> Result<FrameIdx, Self> {
         let wait = Self {
             core,
-            request: core.capture.publish(order),
+            request: core.capture.publish(order, waker),
             reserved: None,
             finished: false,
         };
         // Cached small blocks may merge into what we wait for: merge them now, under
-        // capture, so any block they form is handed straight to a waiter.
+        // capture, so any block they form is handed straight to a waiter. Every CPU, not
+        // only those that look busy: a free that missed the publish may be pushing now.
+        core.drain_every_cpu_cache();
         core.drain_caches();
         match core.alloc_plain(order) {
             Ok(idx) => {
@@ -279,6 +287,62 @@ impl Drop for Wait<'_> {
         }
         if let Some(idx) = self.core.finish_wait(&self.request, self.reserved, None) {
             let _ = self.core.free_frame(idx, Some(self.request.order()));
+        }
+    }
+}
+
+/// An async capture wait (see [`PagePool::alloc_async`](crate::PagePool::alloc_async)):
+/// the state of the future, polled by the layer above. Dropping it withdraws the request
+/// and frees a block handed over that nobody took (through [`Wait`]'s `Drop`).
+pub(crate) struct AsyncWait<'a> {
+    core: &'a PoolCore,
+    order: u8,
+    wait: Option<Wait<'a>>,
+}
+
+impl<'a> AsyncWait<'a> {
+    pub(crate) fn new(core: &'a PoolCore, order: u8) -> Self {
+        Self {
+            core,
+            order,
+            wait: None,
+        }
+    }
+
+    /// Allocates, or publishes a request woken through `cx` and returns `Pending`.
+    pub(crate) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<Result<FrameIdx, AllocError>> {
+        if let Some(wait) = &self.wait {
+            match self.core.capture.poll(&wait.request, cx.waker()) {
+                Polled::Filled(idx) => {
+                    let wait = self.wait.take().expect("checked above");
+                    return Poll::Ready(Ok(wait.finish(Some(idx)).unwrap_or(idx)));
+                }
+                Polled::Waiting => return Poll::Pending,
+                // In a child after `fork`: the queue forgot the request. Start again.
+                Polled::Forgotten => self.wait = None,
+            }
+        }
+        let order = self.order;
+        match self.core.alloc_plain(order) {
+            Err(AllocError::Exhausted { .. })
+                if order >= self.core.resolved.capture_min_order
+                    && order >= self.core.capture.min_order() => {}
+            other => return Poll::Ready(other),
+        }
+        match Wait::publish_with(self.core, order, Some(cx.waker().clone())) {
+            Ok(idx) => Poll::Ready(Ok(idx)),
+            Err(mut wait) => {
+                self.core
+                    .capture
+                    .counters
+                    .waits
+                    .fetch_add(1, Ordering::Relaxed);
+                // A region completed by the reservation is handed over at once, and the
+                // waker set at the publish wakes us for it.
+                wait.reserve();
+                self.wait = Some(wait);
+                Poll::Pending
+            }
         }
     }
 }

@@ -185,6 +185,10 @@ impl Shard {
             lists: self.lists.lock(),
             shard: self,
             env,
+            handed_over: HandedOver {
+                handoff: env.handoff,
+                any: false,
+            },
         }
     }
 
@@ -221,9 +225,27 @@ pub(crate) struct ShardHold<'a>(#[allow(dead_code)] MutexGuard<'a, Lists>);
 
 /// A locked shard: every list operation goes through here.
 pub(crate) struct Locked<'a> {
+    /// Dropped first: the lock is released before `handed_over` acts.
     lists: MutexGuard<'a, Lists>,
     shard: &'a Shard,
     env: &'a Env<'a>,
+    handed_over: HandedOver<'a>,
+}
+
+/// Whether a block was handed to a waiting request under the lock; if so, the request's
+/// waiter is woken once the lock is released ([`Handoff::after_unlock`]), so that a waker
+/// runs no code under a shard lock.
+struct HandedOver<'a> {
+    handoff: &'a dyn Handoff,
+    any: bool,
+}
+
+impl Drop for HandedOver<'_> {
+    fn drop(&mut self) {
+        if self.any {
+            self.handoff.after_unlock();
+        }
+    }
 }
 
 /// How a shard hands merged free blocks to requests waiting for them (capture). Defined
@@ -236,6 +258,9 @@ pub(crate) trait Handoff: Sync {
     /// Hands the block `(idx, order of the request)`, a reserved region that just became
     /// whole, to the request `ticket` if it still waits, after `claim` marks it allocated.
     fn offer_reserved(&self, ticket: u64, idx: FrameIdx, claim: &mut dyn FnMut()) -> bool;
+    /// Called once the lock under which blocks were handed over is released: wakes the
+    /// waiters that asked to be woken outside any shard lock (async ones).
+    fn after_unlock(&self);
 }
 
 impl<'a> Locked<'a> {
@@ -591,6 +616,7 @@ impl<'a> Locked<'a> {
                     self.mark_allocated(region.start, region.order)
                 })
         {
+            self.handed_over.any = true;
             self.carve(idx, order, region.start, region.order, class, since);
             return;
         }
@@ -600,6 +626,7 @@ impl<'a> Locked<'a> {
                 .handoff
                 .offer(idx, order, &mut |wanted| self.mark_allocated(idx, wanted))
         {
+            self.handed_over.any = true;
             self.carve(idx, order, idx, wanted, class, since);
             return;
         }

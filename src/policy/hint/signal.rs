@@ -118,6 +118,25 @@ impl HintSignal {
         }
     }
 
+    /// Requests a pass that cannot wait for the one already scheduled (a resident budget
+    /// was exceeded): rings the doorbell on the way out of idle *and* out of a run of
+    /// passes, whose next pass may be an hour away. At most one ring per pass: the
+    /// thread's next look takes the request.
+    #[inline]
+    pub(crate) fn request_urgent(&self) {
+        if self.state.load(Ordering::Relaxed) == REQUESTED {
+            return;
+        }
+        self.request_urgent_slow();
+    }
+
+    #[cold]
+    fn request_urgent_slow(&self) {
+        if self.state.swap(REQUESTED, Ordering::AcqRel) != REQUESTED {
+            self.doorbell.ring();
+        }
+    }
+
     /// A thread serves this pool from now on; a first pass is requested, whatever state a
     /// stopped or forked-away thread left (it must not wait for a wake-up that an old
     /// "active" would swallow).
