@@ -61,9 +61,10 @@ pub fn bar_chart(
     let n_series = series.len().max(1);
     let bar_w = 14.0;
     let group_w = bar_w * n_series as f64 + 18.0;
-    let (l, r, t, b) = (64.0, 150.0, 40.0, 56.0);
+    // The top margin leaves room for the labels of clipped bars under the title.
+    let (l, r, t, b) = (64.0, 150.0, 60.0, 40.0);
     let pw = (group_w * n_groups as f64).max(360.0);
-    let (w, h) = (l + pw + r, 420.0);
+    let (w, h) = (l + pw + r, 440.0);
     let ph = h - t - b;
     let limit = reference * cap;
     let top = series

@@ -24,7 +24,9 @@ allocator, the allocators' order rotating from round to round and workload to wo
 options (defaults in brackets):
   --rounds N          rounds [5]
   --workloads LIST    comma-separated workloads [all]
-  --allocators LIST   comma-separated allocators [system,mimalloc,jemalloc,pagepool]
+  --allocators LIST   comma-separated allocators [system,mimalloc,jemalloc,pagepool];
+                      also mimalloc-nothp (MIMALLOC_ALLOW_THP=0) and jemalloc-bg
+                      (_RJEM_MALLOC_CONF=background_thread:true)
   --idle-ms N         idle wait after freeing, before the last memory reading [3000]
   --scale F           workload size factor [1.0]
   --timeout-s N       a run taking longer is killed and counted as failed [300]
@@ -35,12 +37,21 @@ options (defaults in brackets):
                       than --max-foreign of one CPU [60]
   --out DIR           where apps.md, apps.json and the SVGs go [benches/results]
   --bin-dir DIR       where the apps-<allocator> binaries are [this binary's folder]
+  --from-json FILE    run nothing: write apps.md and the plots again from an apps.json
 ";
 
-/// The allocator the tables judge, the baseline, and its peers.
+/// The allocator the tables judge and the baseline; every other allocator of a run is a
+/// peer.
 const TARGET: &str = "pagepool";
 const BASELINE: &str = "system";
-const PEERS: [&str; 2] = ["mimalloc", "jemalloc"];
+
+fn peers(o: &Opts) -> Vec<&str> {
+    o.allocators
+        .iter()
+        .map(String::as_str)
+        .filter(|a| *a != TARGET && *a != BASELINE)
+        .collect()
+}
 
 struct Opts {
     rounds: usize,
@@ -54,6 +65,7 @@ struct Opts {
     quiet_wait: Duration,
     out: PathBuf,
     bin_dir: PathBuf,
+    from_json: Option<PathBuf>,
 }
 
 fn die(msg: &str) -> ! {
@@ -77,6 +89,7 @@ fn parse_opts() -> Opts {
         quiet_wait: Duration::from_secs(60),
         out: Path::new(env!("CARGO_MANIFEST_DIR")).join("../results"),
         bin_dir: exe.parent().expect("a folder").to_path_buf(),
+        from_json: None,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -109,6 +122,7 @@ fn parse_opts() -> Opts {
             "--quiet-wait-s" => o.quiet_wait = Duration::from_secs_f64(num(&v)),
             "--out" => o.out = PathBuf::from(v),
             "--bin-dir" => o.bin_dir = PathBuf::from(v),
+            "--from-json" => o.from_json = Some(PathBuf::from(v)),
             _ => die(&format!("unknown option {a}")),
         }
     }
@@ -118,7 +132,7 @@ fn parse_opts() -> Opts {
         }
     }
     for a in &o.allocators {
-        if !bin(&o, a).exists() {
+        if o.from_json.is_none() && !bin(&o, a).exists() {
             die(&format!(
                 "no binary {} (build with `cargo build --release` in benches/apps)",
                 bin(&o, a).display()
@@ -131,13 +145,38 @@ fn parse_opts() -> Opts {
     o
 }
 
+/// Environment variables of a run.
+type EnvVars = &'static [(&'static str, &'static str)];
+
+/// Allocator variants: the binary of another allocator run with settings in its
+/// environment.
+const VARIANTS: &[(&str, &str, EnvVars)] = &[
+    // mimalloc without transparent huge pages.
+    ("mimalloc-nothp", "mimalloc", &[("MIMALLOC_ALLOW_THP", "0")]),
+    // jemalloc with its background thread, which purges while the program is idle.
+    (
+        "jemalloc-bg",
+        "jemalloc",
+        &[("_RJEM_MALLOC_CONF", "background_thread:true")],
+    ),
+];
+
+/// The binary and environment of an allocator name.
+fn spec(alloc: &str) -> (&str, EnvVars) {
+    VARIANTS
+        .iter()
+        .find(|v| v.0 == alloc)
+        .map_or((alloc, &[]), |v| (v.1, v.2))
+}
+
 fn bin(o: &Opts, alloc: &str) -> PathBuf {
-    o.bin_dir.join(format!("apps-{alloc}"))
+    o.bin_dir.join(format!("apps-{}", spec(alloc).0))
 }
 
 /// Runs one child; its JSON line, or why there is none.
 fn run_one(o: &Opts, alloc: &str, workload: &str) -> Result<Map<String, Value>, String> {
     let mut child = Command::new(bin(o, alloc))
+        .envs(spec(alloc).1.iter().copied())
         .arg(workload)
         .arg("--idle-ms")
         .arg(o.idle_ms.to_string())
@@ -187,6 +226,12 @@ fn run_one(o: &Opts, alloc: &str, workload: &str) -> Result<Map<String, Value>, 
             .find(|l| l.starts_with('{'))
             .and_then(|l| serde_json::from_str::<Value>(l).ok())
             .and_then(|v| v.as_object().cloned())
+            .map(|mut r| {
+                // A variant reports its binary's name; the tables use the variant's.
+                r.insert("binary".into(), format!("apps-{}", spec(alloc).0).into());
+                r.insert("alloc".into(), alloc.into());
+                r
+            })
             .ok_or_else(|| format!("no result line in: {}", tail(&out))),
     }
 }
@@ -324,12 +369,10 @@ fn ratios(o: &Opts, m: &Medians, w: &str, k: &str) -> (f64, f64, String) {
     let t = get(m, w, TARGET, k);
     let base = get(m, w, BASELINE, k);
     let mut best = (f64::NAN, String::new());
-    for p in PEERS {
-        if o.allocators.iter().any(|a| a == p) {
-            let v = get(m, w, p, k);
-            if v.is_finite() && (!best.0.is_finite() || v < best.0) {
-                best = (v, p.to_string());
-            }
+    for p in peers(o) {
+        let v = get(m, w, p, k);
+        if v.is_finite() && (!best.0.is_finite() || v < best.0) {
+            best = (v, p.to_string());
         }
     }
     (ratio(t, base), ratio(t, best.0), best.1)
@@ -440,7 +483,7 @@ fn markdown(o: &Opts, rep: &Report<'_>) -> String {
     let _ = writeln!(
         s,
         "- ratios: {TARGET} / {BASELINE}, and {TARGET} / the better of {} for that cell; below 1 means {TARGET} used less. Geometric means over the workloads with a finite, non-zero ratio.",
-        PEERS.join(" and ")
+        peers(o).join(" and ")
     );
     if mismatches.is_empty() {
         let _ = writeln!(
@@ -486,7 +529,7 @@ fn markdown(o: &Opts, rep: &Report<'_>) -> String {
     let _ = writeln!(
         s,
         "| metric | {TARGET} / {BASELINE} | {TARGET} / best of {} |",
-        PEERS.join(", ")
+        peers(o).join(", ")
     );
     let _ = writeln!(s, "|---|---:|---:|");
     for met in METRICS {
@@ -637,7 +680,14 @@ fn wait_for_quiet(o: &Opts) -> (f64, bool) {
 }
 
 fn main() {
-    let o = parse_opts();
+    let mut o = parse_opts();
+    if let Some(path) = o.from_json.clone() {
+        let json = load(&mut o, &path);
+        if !write_outputs(&o, &json) {
+            std::process::exit(1);
+        }
+        return;
+    }
     let command = std::env::args().collect::<Vec<_>>().join(" ");
     let date = utc_now();
     let mach = machine();
@@ -717,19 +767,6 @@ fn main() {
         }
     }
 
-    std::fs::create_dir_all(&o.out).expect("create the output folder");
-    let md = markdown(
-        &o,
-        &Report {
-            command: &command,
-            date: &date,
-            machine: &mach,
-            runs: &runs,
-            repeated: discarded.len(),
-            failures: &failures,
-            mismatches: &mismatches,
-        },
-    );
     let json = json!({
         "command": command,
         "date": date,
@@ -746,6 +783,65 @@ fn main() {
         "runs": runs,
         "discarded_disturbed_runs": discarded,
     });
+    if !write_outputs(&o, &json) {
+        std::process::exit(1);
+    }
+}
+
+/// The strings of a JSON array.
+fn strings(v: &Value) -> Vec<String> {
+    v.as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The objects of a JSON array.
+fn objects(v: &Value) -> Vec<Map<String, Value>> {
+    v.as_array()
+        .map(|a| a.iter().filter_map(|x| x.as_object().cloned()).collect())
+        .unwrap_or_default()
+}
+
+/// Reads an `apps.json` written earlier and takes its settings.
+fn load(o: &mut Opts, path: &Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| die(&format!("read {}: {e}", path.display())));
+    let json: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| die(&format!("parse {}: {e}", path.display())));
+    o.workloads = strings(&json["workloads"]);
+    o.allocators = strings(&json["allocators"]);
+    o.rounds = json["rounds"].as_u64().unwrap_or(0) as usize;
+    o.idle_ms = json["idle_ms"].as_u64().unwrap_or(0);
+    o.scale = json["scale"].as_f64().unwrap_or(f64::NAN);
+    o.max_foreign = json["max_foreign"].as_f64().unwrap_or(f64::NAN);
+    o.retries = json["retries"].as_u64().unwrap_or(0) as usize;
+    json
+}
+
+/// Writes `apps.md`, `apps.json` and the plots of a run (or of a loaded `apps.json`);
+/// false if some run failed or the checksums disagree.
+fn write_outputs(o: &Opts, json: &Value) -> bool {
+    let runs = objects(&json["runs"]);
+    let failures = strings(&json["failures"]);
+    let mismatches = strings(&json["checksum_mismatches"]);
+    let mach = json["machine"].as_object().cloned().unwrap_or_default();
+    std::fs::create_dir_all(&o.out).expect("create the output folder");
+    let md = markdown(
+        o,
+        &Report {
+            command: json["command"].as_str().unwrap_or(""),
+            date: json["date"].as_str().unwrap_or(""),
+            machine: &mach,
+            runs: &runs,
+            repeated: objects(&json["discarded_disturbed_runs"]).len(),
+            failures: &failures,
+            mismatches: &mismatches,
+        },
+    );
     let write = |name: &str, text: &str| {
         let p = o.out.join(name);
         std::fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
@@ -754,21 +850,21 @@ fn main() {
     write("apps.md", &md);
     write(
         "apps.json",
-        &serde_json::to_string_pretty(&json).expect("serialise"),
+        &serde_json::to_string_pretty(json).expect("serialise"),
     );
     if o.allocators.iter().any(|a| a == BASELINE) {
         write(
             "apps-time.svg",
-            &plot(&o, &runs, "wall_s", "Wall time of the work"),
+            &plot(o, &runs, "wall_s", "Wall time of the work"),
         );
         write(
             "apps-rss.svg",
-            &plot(&o, &runs, "peak_rss_kib", "Peak RSS (VmHWM)"),
+            &plot(o, &runs, "peak_rss_kib", "Peak RSS (VmHWM)"),
         );
         write(
             "apps-idle.svg",
             &plot(
-                &o,
+                o,
                 &runs,
                 "idle_held_kib",
                 "Rss - LazyFree after freeing and idle",
@@ -776,7 +872,5 @@ fn main() {
         );
     }
     print!("{md}");
-    if !failures.is_empty() || !mismatches.is_empty() {
-        std::process::exit(1);
-    }
+    failures.is_empty() && mismatches.is_empty()
 }
