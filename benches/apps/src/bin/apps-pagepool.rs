@@ -1,5 +1,9 @@
 //! The workloads under `pagepool::PoolAlloc`, used as documented: installed as the global
 //! allocator, with the background hinter started first thing in `main`.
+//!
+//! With `PAGEPOOL_APPS_POOL=off` in the environment the adapter sends every request to
+//! the system allocator (`set_pool_enabled(false)`): what is left is the cost of the
+//! adapter's routing (the runner's `pagepool-off` variant).
 
 use pagepool::PoolAlloc;
 use serde_json::Value;
@@ -8,6 +12,9 @@ use serde_json::Value;
 static A: PoolAlloc = PoolAlloc::new();
 
 fn main() {
+    if std::env::var_os("PAGEPOOL_APPS_POOL").is_some_and(|v| v == "off") {
+        A.set_pool_enabled(false);
+    }
     A.start_hinter().expect("start the pagepool hinter");
     pagepool_apps::main("pagepool", &|| {
         let s = A.stats();

@@ -25,8 +25,9 @@ options (defaults in brackets):
   --rounds N          rounds [5]
   --workloads LIST    comma-separated workloads [all]
   --allocators LIST   comma-separated allocators [system,mimalloc,jemalloc,pagepool];
-                      also mimalloc-nothp (MIMALLOC_ALLOW_THP=0) and jemalloc-bg
-                      (_RJEM_MALLOC_CONF=background_thread:true)
+                      also mimalloc-nothp (MIMALLOC_ALLOW_THP=0), jemalloc-bg
+                      (_RJEM_MALLOC_CONF=background_thread:true) and pagepool-off
+                      (PoolAlloc sending every request to the system allocator)
   --idle-ms N         idle wait after freeing, before the last memory reading [3000]
   --scale F           workload size factor [1.0]
   --timeout-s N       a run taking longer is killed and counted as failed [300]
@@ -41,7 +42,7 @@ options (defaults in brackets):
 ";
 
 /// The allocator the tables judge and the baseline; every other allocator of a run is a
-/// peer.
+/// peer, except variants of the judged one (`pagepool-off`).
 const TARGET: &str = "pagepool";
 const BASELINE: &str = "system";
 
@@ -49,7 +50,7 @@ fn peers(o: &Opts) -> Vec<&str> {
     o.allocators
         .iter()
         .map(String::as_str)
-        .filter(|a| *a != TARGET && *a != BASELINE)
+        .filter(|a| !a.starts_with(TARGET) && *a != BASELINE)
         .collect()
 }
 
@@ -159,6 +160,8 @@ const VARIANTS: &[(&str, &str, EnvVars)] = &[
         "jemalloc",
         &[("_RJEM_MALLOC_CONF", "background_thread:true")],
     ),
+    // PoolAlloc routing every request to the system allocator: the adapter's own cost.
+    ("pagepool-off", "pagepool", &[("PAGEPOOL_APPS_POOL", "off")]),
 ];
 
 /// The binary and environment of an allocator name.
@@ -483,7 +486,11 @@ fn markdown(o: &Opts, rep: &Report<'_>) -> String {
     let _ = writeln!(
         s,
         "- ratios: {TARGET} / {BASELINE}, and {TARGET} / the better of {} for that cell; below 1 means {TARGET} used less. Geometric means over the workloads with a finite, non-zero ratio.",
-        peers(o).join(" and ")
+        if peers(o).is_empty() {
+            "(no peer in this run)".to_string()
+        } else {
+            peers(o).join(" and ")
+        }
     );
     if mismatches.is_empty() {
         let _ = writeln!(
@@ -529,7 +536,11 @@ fn markdown(o: &Opts, rep: &Report<'_>) -> String {
     let _ = writeln!(
         s,
         "| metric | {TARGET} / {BASELINE} | {TARGET} / best of {} |",
-        peers(o).join(", ")
+        if peers(o).is_empty() {
+            "(none)".to_string()
+        } else {
+            peers(o).join(", ")
+        }
     );
     let _ = writeln!(s, "|---|---:|---:|");
     for met in METRICS {
