@@ -273,3 +273,44 @@ fn local_caches_round_trip() {
     assert_balanced(&pool);
     assert_whole_chunks(&pool);
 }
+
+/// Guards free on drop, an owned block keeps its pool alive, and a pending `alloc_async`
+/// completed by a free and then dropped gives its block back: the unsafe parts of the
+/// ownership types (`ManuallyDrop` takes, the shared cache's pool reference) under Miri.
+#[test]
+fn guards_owned_blocks_and_a_cancelled_async_wait() {
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    let pool = std::sync::Arc::new(builder(1).capture_min_order(1).build().unwrap());
+    {
+        let mut guard = pool.alloc_guarded(0).unwrap();
+        guard[0] = 1;
+        let owned = pool.alloc_owned(0).unwrap();
+        assert_eq!(owned.len(), 4096);
+        let block = guard.into_block();
+        pool.free(block);
+    }
+    let mut cache = pool.local_cache_shared_with(2);
+    let b = cache.alloc(0).unwrap();
+    cache.free(b);
+    drop(cache);
+    assert_balanced(&pool);
+
+    // Exhaust, wait for order 1, free a pair of buddies: the request is filled.
+    let mut held: Vec<Block> = std::iter::from_fn(|| pool.alloc(0).ok()).collect();
+    let mut fut = Box::pin(pool.alloc_async(1));
+    let mut cx = Context::from_waker(Waker::noop());
+    assert!(fut.as_mut().poll(&mut cx).is_pending());
+    held.sort_by_key(|b| b.as_ptr() as usize);
+    let (a, b) = (held.remove(0), held.remove(0));
+    pool.free(a);
+    pool.free(b);
+    assert_eq!(pool.stats().capture.captures, 1, "the pair went to the request");
+    drop(fut); // cancelled after the hand-off: the block goes back
+    for block in held {
+        pool.free(block);
+    }
+    assert_balanced(&pool);
+    assert_eq!(pool.stats().allocated_bytes, 0);
+}
