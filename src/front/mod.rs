@@ -3,6 +3,7 @@
 //! - [`page_pool`]: [`PagePool`], the public API over a shared pool core, and [`Block`].
 //! - [`local_cache`]: [`LocalCache`], a caller-owned cache of free blocks with no lock.
 //! - [`global`]: [`PoolAlloc`], the pool as a `#[global_allocator]`.
+//! - [`pressure`]: watching for memory pressure ([`PagePool::watch_pressure`]).
 //! - `allocator_api` (feature `allocator-api2`): `allocator_api2::Allocator` for both.
 //!
 //! May call: `pool` and everything below it. Nothing below calls a front end.
@@ -14,6 +15,7 @@ pub(crate) mod block;
 pub(crate) mod global;
 pub(crate) mod local_cache;
 pub(crate) mod page_pool;
+pub(crate) mod pressure;
 
 pub use block::Block;
 pub use page_pool::PagePool;
