@@ -122,11 +122,7 @@ pub use config::{
     AllocPolicy, Backing, CpuCacheMode, DEFAULT_CPU_CACHE_BYTES, DEFAULT_MAX_ORDER, HintMode,
     MAX_HINT_DURATION, PoolBuilder,
 };
-pub use config::{
-    DEFAULT_PRESSURE_SETTLE, DEFAULT_PSI_STALL, DEFAULT_PSI_WINDOW, PSI_MAX_WINDOW, PSI_MIN_WINDOW,
-    PressureLevel, PressureSource,
-};
-pub use error::{AllocError, BuildError, FreeError, PressureSourceError};
+pub use error::{AllocError, BuildError, FreeError};
 #[cfg(not(loom))]
 pub use front::global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
 pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
@@ -134,10 +130,18 @@ pub use front::{Block, PagePool};
 #[doc(hidden)]
 pub use os::advice::Advisor;
 pub use os::memory::{ProcessMemory, minor_faults};
-pub use pool::pressure::MAX_PRESSURE_SOURCES;
 pub use pool::release::HintReport;
-pub use pool::stats::{CaptureStats, HintStats, OrderStats, PressureStats, Stats};
+pub use pool::stats::{CaptureStats, HintStats, OrderStats, Stats};
 pub use pool::wait::RECLAIM_STALL_ROUNDS;
+
+// The memory pressure watcher.
+pub use config::{
+    DEFAULT_PRESSURE_SETTLE, DEFAULT_PSI_STALL, DEFAULT_PSI_WINDOW, PSI_MAX_WINDOW, PSI_MIN_WINDOW,
+    PressureLevel, PressureSource,
+};
+pub use error::PressureSourceError;
+pub use pool::pressure::MAX_PRESSURE_SOURCES;
+pub use pool::stats::PressureStats;
 
 /// log2 of [`FRAME_SIZE`].
 pub const FRAME_SHIFT: usize = 12;

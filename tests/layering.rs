@@ -24,10 +24,10 @@ const LAYERS: &[(&str, u32)] = &[
     ("pool", 8),
     ("front::block", 9),
     ("front::page_pool", 10),
-    ("front::pressure", 11),
     ("front::local_cache", 11),
     ("front::global", 12),
     ("front::allocator_api", 13),
+    ("front::pressure", 11),
     ("front", 14),
 ];
 
