@@ -11,6 +11,12 @@ pub use crate::os::advice::HintMode;
 pub use crate::os::mapping::Backing;
 use crate::{FRAME_SIZE, MAX_SHARDS, MAX_SUPPORTED_ORDER};
 
+mod pressure;
+pub use pressure::{
+    DEFAULT_PRESSURE_SETTLE, DEFAULT_PSI_STALL, DEFAULT_PSI_WINDOW, PSI_MAX_WINDOW, PSI_MIN_WINDOW,
+    PressureLevel, PressureSource,
+};
+
 /// The longest `hint_delay` or `hint_interval` a pool accepts: 24 days. Free times are
 /// kept as 32-bit millisecond stamps, whose differences are exact up to 24.8 days.
 pub const MAX_HINT_DURATION: Duration = Duration::from_secs(24 * 24 * 3600);

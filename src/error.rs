@@ -195,3 +195,73 @@ impl fmt::Display for FreeError {
 }
 
 impl std::error::Error for FreeError {}
+
+/// Why a [`PressureSource`](crate::PressureSource) was refused before any file was opened.
+/// [`PagePool::watch_pressure`](crate::PagePool::watch_pressure) returns it inside an
+/// [`std::io::Error`] of kind [`InvalidInput`](std::io::ErrorKind::InvalidInput)
+/// (`err.get_ref()` and `downcast_ref` give it back).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum PressureSourceError {
+    /// A PSI trigger with a zero stall threshold (it would fire on any stall at all).
+    ZeroStall,
+    /// A PSI trigger whose stall threshold is longer than its window.
+    StallAboveWindow {
+        /// The stall threshold asked for.
+        stall: std::time::Duration,
+        /// The window asked for.
+        window: std::time::Duration,
+    },
+    /// A PSI window outside what the kernel accepts (`Documentation/accounting/psi.rst`).
+    WindowOutOfRange {
+        /// The window asked for.
+        window: std::time::Duration,
+        /// The shortest window accepted.
+        min: std::time::Duration,
+        /// The longest window accepted.
+        max: std::time::Duration,
+    },
+    /// A settle period outside the accepted range.
+    SettleOutOfRange {
+        /// The settle period asked for.
+        settle: std::time::Duration,
+        /// The shortest accepted.
+        min: std::time::Duration,
+        /// The longest accepted.
+        max: std::time::Duration,
+    },
+    /// A cgroup v1 usage threshold of zero bytes (it would always be crossed).
+    ZeroThreshold,
+    /// An empty path.
+    EmptyPath,
+}
+
+impl fmt::Display for PressureSourceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroStall => write!(f, "a PSI trigger needs a stall threshold above zero"),
+            Self::StallAboveWindow { stall, window } => write!(
+                f,
+                "PSI stall threshold {stall:?} is longer than its window {window:?}"
+            ),
+            Self::WindowOutOfRange { window, min, max } => write!(
+                f,
+                "PSI window {window:?} is outside the kernel's range {min:?} to {max:?}"
+            ),
+            Self::SettleOutOfRange { settle, min, max } => write!(
+                f,
+                "settle period {settle:?} is outside the range {min:?} to {max:?}"
+            ),
+            Self::ZeroThreshold => write!(f, "a usage threshold needs at least one byte"),
+            Self::EmptyPath => write!(f, "a pressure source needs a path"),
+        }
+    }
+}
+
+impl std::error::Error for PressureSourceError {}
+
+impl From<PressureSourceError> for std::io::Error {
+    fn from(err: PressureSourceError) -> Self {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, err)
+    }
+}

@@ -44,7 +44,8 @@
 //!  frame_table  16 bytes of out-of-band metadata per 4 KiB frame
 //!    |
 //!  config, error   settings as plain data, typed errors
-//!  os         mapping, madvise, machine facts, process memory   sync (std or loom)
+//!  os         mapping, madvise, machine facts, process memory,     sync (std or loom)
+//!             memory pressure events (PSI, cgroup files)
 //! ```
 //!
 //! - `os::mapping`: the region, reserved with `MAP_NORESERVE` and aligned to the largest
@@ -64,6 +65,20 @@
 //!   `allocator-api2`, on by default) `allocator_api2::Allocator` for both.
 //! - `sync` is the only module that names `std::sync` or `loom`, so `--cfg loom` swaps every
 //!   atomic, lock and thread at once and the loom models drive the real code.
+//!
+//! # Memory pressure
+//! A runtime that must answer to an operator's memory limit can have its pools give their
+//! free memory back the moment the kernel reports memory pressure:
+//! [`PagePool::watch_pressure`] (and [`PoolAlloc::watch_pressure`]) with a
+//! [`PressureSource`]: a PSI trigger (`/proc/pressure/memory` or a cgroup2
+//! `memory.pressure`), a cgroup2 group's `memory.events`, or a cgroup v1 group's
+//! `memory.pressure_level` with an optional usage threshold; [`PressureSource::detect`]
+//! picks the best one this process has. One thread (`pagepool-pressure`) serves every
+//! watching pool; it sleeps in `poll` without a timeout until the kernel reports, so it
+//! costs nothing while there is no pressure. On an event every watching pool drains its
+//! caches and gives every free block back with `MADV_DONTNEED`, and keeps advising
+//! `MADV_DONTNEED` until no event came for a settle period. [`Stats::pressure`] counts what
+//! it did.
 //!
 //! # For JIT runtimes
 //! A JIT can take its code blocks from a pool of its own (see `examples/jit_code.rs`):
@@ -121,6 +136,15 @@ pub use pool::evict::{Advice, BatchError};
 pub use pool::release::HintReport;
 pub use pool::stats::{CaptureStats, HintStats, OrderStats, Stats};
 pub use pool::wait::RECLAIM_STALL_ROUNDS;
+
+// The memory pressure watcher.
+pub use config::{
+    DEFAULT_PRESSURE_SETTLE, DEFAULT_PSI_STALL, DEFAULT_PSI_WINDOW, PSI_MAX_WINDOW, PSI_MIN_WINDOW,
+    PressureLevel, PressureSource,
+};
+pub use error::PressureSourceError;
+pub use pool::pressure::MAX_PRESSURE_SOURCES;
+pub use pool::stats::PressureStats;
 
 /// log2 of [`FRAME_SIZE`].
 pub const FRAME_SHIFT: usize = 12;

@@ -6,6 +6,7 @@
 //!   the block.
 //! - [`local_cache`]: [`LocalCache`], a caller-owned cache of free blocks with no lock.
 //! - [`global`]: [`PoolAlloc`], the pool as a `#[global_allocator]`.
+//! - [`pressure`]: watching for memory pressure ([`PagePool::watch_pressure`]).
 //! - `allocator_api` (feature `allocator-api2`): `allocator_api2::Allocator` for both.
 //!
 //! May call: `pool` and everything below it. Nothing below calls a front end.
@@ -19,6 +20,7 @@ pub(crate) mod global;
 pub(crate) mod guard;
 pub(crate) mod local_cache;
 pub(crate) mod page_pool;
+pub(crate) mod pressure;
 
 pub use block::Block;
 pub use page_pool::PagePool;

@@ -6,6 +6,9 @@
 //! - [`advice`]: `madvise` and `process_madvise`, behind the [`advice::Advisor`] trait.
 //! - [`machine`]: physical memory and CPU counts.
 //! - [`memory`]: honest process memory figures (`Rss - LazyFree`, minor faults).
+//! - `pressure`: memory pressure events (PSI triggers, cgroup v2 `memory.events`, cgroup v1
+//!   `memory.pressure_level`, `inotify` for tests) as descriptors to `poll`; cgroup
+//!   discovery (not built under loom and Miri).
 //!
 //! May call: `sync` only. Knows nothing of blocks, shards or pools.
 
@@ -13,3 +16,5 @@ pub(crate) mod advice;
 pub(crate) mod machine;
 pub(crate) mod mapping;
 pub(crate) mod memory;
+#[cfg(not(any(loom, miri)))]
+pub(crate) mod pressure;

@@ -18,7 +18,7 @@
 //! [`hinting`] (the pool as the hinter's target), [`stats`], [`audit`] (the consistency
 //! check, off the hot path), [`registry`] (the process's pools: fork handlers, and the one
 //! [`hinter`] thread that serves them all), [`fork_hold`] (what a pool holds across
-//! `fork`).
+//! `fork`), [`pressure`] (the memory pressure watcher, one thread for the process too).
 //!
 //! Lock order: a shard, then the shared pool; a shard, then the capture queue, then a
 //! request. No code holds two per-CPU shards' locks except the audit, which takes them in
@@ -50,6 +50,7 @@ pub(crate) mod evict;
 mod fork_hold;
 mod hinter;
 mod hinting;
+pub(crate) mod pressure;
 pub(crate) mod registry;
 pub(crate) mod release;
 pub(crate) mod stats;
@@ -85,6 +86,8 @@ pub(crate) struct PoolCore {
     cached_orders: u8,
     /// The process is under memory pressure: hint with `MADV_DONTNEED`.
     under_pressure: std::sync::atomic::AtomicBool,
+    /// What the memory pressure watcher did to this pool (see [`pressure`]).
+    pub(crate) pressure: pressure::PressureCounters,
     /// When an allocation about to fail last drained every per-CPU cache (`now_ms`).
     last_exhaustion_drain: crate::sync::AtomicU32,
     /// Its place in the process's registry of pools.
@@ -142,6 +145,7 @@ impl PoolCore {
             cached_orders: cpu.as_ref().map_or(0, |c| c.orders()),
             last_exhaustion_drain: crate::sync::AtomicU32::new(0),
             under_pressure: std::sync::atomic::AtomicBool::new(false),
+            pressure: pressure::PressureCounters::default(),
             cpu,
             entry: registry::Entry::new(),
             client: std::sync::OnceLock::new(),

@@ -6,6 +6,8 @@
 //! - **One hinter thread** for the whole process ([`hinter`](super::hinter)), serving every
 //!   pool that asked for hinting, as jemalloc's background threads serve every arena: a
 //!   runtime that makes two thousand pools gets one thread, not two thousand.
+//! - **One memory pressure watcher thread** ([`pressure`](super::pressure)), serving every
+//!   pool that asked to hear of memory pressure, on the same terms.
 //! - **Fork safety.** `pthread_atfork` handlers, installed once when the first pool joins,
 //!   take every pool's locks before `fork` and release them in parent and child (glibc's
 //!   `malloc` does the same with its arenas), so a child never inherits a lock held by a
@@ -54,6 +56,9 @@ pub(super) struct State {
     /// Bumped to tell the running thread to exit: a thread runs while the generation it
     /// was started with is current.
     pub(super) generation: u64,
+    /// The memory pressure watcher (see [`pressure`](super::pressure)).
+    #[cfg(not(any(loom, miri)))]
+    pub(super) pressure: super::pressure::Watch,
 }
 
 /// The hinter thread's life.
@@ -122,8 +127,11 @@ impl Registry {
         state.head = core;
     }
 
-    /// Takes `core` off the list: stops hinting it and waits for a pass on it to end.
+    /// Takes `core` off the list: stops hinting it and watching for memory pressure for it,
+    /// and waits for a pass or a release on it to end.
     pub(crate) fn leave(&'static self, core: &PoolCore) {
+        #[cfg(not(any(loom, miri)))]
+        self.stop_watching(core);
         self.stop_hinting(core);
         let mut state = self.state.lock();
         // SAFETY: under the registry lock.
@@ -158,6 +166,8 @@ impl State {
             hinting: 0,
             thread: Thread::None,
             generation: 0,
+            #[cfg(not(any(loom, miri)))]
+            pressure: super::pressure::Watch::new(),
         }
     }
 
@@ -203,6 +213,9 @@ pub(super) struct EntryData {
     /// No pass before this: frees that ask right after a run of passes are served an
     /// interval later, so a busy allocator cannot keep the thread spinning.
     pub(super) not_before: Option<Instant>,
+    /// Its memory pressure watch.
+    #[cfg(not(any(loom, miri)))]
+    pub(super) watch: super::pressure::EntryWatch,
 }
 
 // SAFETY: the data is only touched under the registry lock.
@@ -219,6 +232,8 @@ impl Entry {
             hinting: false,
             due: None,
             not_before: None,
+            #[cfg(not(any(loom, miri)))]
+            watch: super::pressure::EntryWatch::default(),
         }))
     }
 

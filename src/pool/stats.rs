@@ -73,6 +73,20 @@ pub struct CaptureStats {
     pub waiting: u64,
 }
 
+/// What the memory pressure watcher did to a pool (see
+/// [`PagePool::watch_pressure`](crate::PagePool::watch_pressure)).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PressureStats {
+    /// The pool watches for memory pressure.
+    pub watching: bool,
+    /// Memory pressure lasts now: the pool advises `MADV_DONTNEED`.
+    pub under_pressure: bool,
+    /// Pressure events the pool reacted to (one release of its free memory each).
+    pub events: u64,
+    /// Bytes those releases advised.
+    pub bytes_released: u64,
+}
+
 /// A snapshot of a pool's counters. Each counter is read atomically but not all at one
 /// instant, so under concurrent use the totals may be off by the operations in progress;
 /// at quiescence `free_bytes + allocated_bytes + in_flight_bytes == capacity`.
@@ -112,6 +126,8 @@ pub struct Stats {
     pub hint: HintStats,
     /// Capture.
     pub capture: CaptureStats,
+    /// Memory pressure.
+    pub pressure: PressureStats,
 }
 
 impl Stats {
@@ -225,6 +241,13 @@ impl Stats {
             reclaim_rounds: c.reclaim_rounds.load(Relaxed),
             reservations: c.reservations.load(Relaxed),
             waiting: core.capture.waiting() as u64,
+        };
+        let p = &core.pressure;
+        stats.pressure = PressureStats {
+            watching: p.watching.load(Relaxed),
+            under_pressure: core.under_pressure(),
+            events: p.events.load(Relaxed),
+            bytes_released: p.bytes_released.load(Relaxed),
         };
         stats
     }
@@ -346,6 +369,18 @@ impl fmt::Display for Stats {
             f,
             "capture: {} captures, {} waits, {} timeouts, {} reclaim rounds, {} reservations, {} waiting",
             c.captures, c.waits, c.timeouts, c.reclaim_rounds, c.reservations, c.waiting
-        )
+        )?;
+        let p = &self.pressure;
+        if p.watching || p.events > 0 {
+            write!(
+                f,
+                "\nmemory pressure: watching {}, under pressure {}, {} events, {} released",
+                if p.watching { "on" } else { "off" },
+                if p.under_pressure { "now" } else { "no" },
+                p.events,
+                human(p.bytes_released)
+            )?;
+        }
+        Ok(())
     }
 }

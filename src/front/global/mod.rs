@@ -40,6 +40,7 @@
 mod control;
 mod counters;
 mod init;
+mod pressure;
 mod reentry;
 
 use std::alloc::{GlobalAlloc, Layout, System};

@@ -107,6 +107,8 @@ extern "C" fn child() {
         state.busy = std::ptr::null();
         state.generation += 1;
         state.hinting = 0;
+        // Nor does the parent's memory pressure watcher.
+        crate::pool::pressure::forget_in_child(&mut state);
         for core in state.pools() {
             // SAFETY: under the registry lock.
             let entry = unsafe { core.entry.get() };
