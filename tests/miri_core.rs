@@ -280,7 +280,7 @@ fn local_caches_round_trip() {
 #[test]
 fn guards_owned_blocks_and_a_cancelled_async_wait() {
     use std::future::Future;
-    use std::task::{Context, Poll, Waker};
+    use std::task::{Context, Waker};
 
     let pool = std::sync::Arc::new(builder(1).capture_min_order(1).build().unwrap());
     {
@@ -306,7 +306,11 @@ fn guards_owned_blocks_and_a_cancelled_async_wait() {
     let (a, b) = (held.remove(0), held.remove(0));
     pool.free(a);
     pool.free(b);
-    assert_eq!(pool.stats().capture.captures, 1, "the pair went to the request");
+    assert_eq!(
+        pool.stats().capture.captures,
+        1,
+        "the pair went to the request"
+    );
     drop(fut); // cancelled after the hand-off: the block goes back
     for block in held {
         pool.free(block);

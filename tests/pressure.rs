@@ -220,6 +220,44 @@ fn an_event_releases_free_memory_at_once_and_pressure_ends_after_the_settle_peri
     no_watcher_thread();
 }
 
+/// Memory the hinter already gave back with `MADV_FREE` still counts against a cgroup
+/// until the kernel reclaims it (a reclaim stall for the next allocation): under pressure
+/// it is dropped with `MADV_DONTNEED` too.
+#[test]
+fn lazily_freed_memory_is_dropped_under_pressure() {
+    let _serial = serial();
+    let file = EventFile::new();
+    let pool = pool();
+    let ranges = burst(&pool, &[9, 9, 10, 9]);
+    pool.release_idle(); // MADV_FREE: no pressure yet
+    let before = pool.stats();
+    assert!(before.hinted_bytes >= 5 * block_size(9) as u64, "{before}");
+    let resident = || -> usize {
+        ranges
+            .iter()
+            .map(|&(a, l)| resident_pages(a as *const u8, l))
+            .sum()
+    };
+    // MADV_FREE leaves the pages mapped until the kernel needs them.
+    assert!(resident() > 0, "lazily freed pages are still resident");
+    pool.watch_pressure(file.source(Duration::from_millis(300)))
+        .unwrap();
+    file.fire();
+    eventually(Duration::from_secs(10), "the release", || {
+        pool.stats().pressure.events >= 1
+    });
+    let stats = pool.stats();
+    assert_eq!(
+        stats.hinted_bytes, 0,
+        "lazily freed blocks dropped:\n{stats}"
+    );
+    assert_eq!(stats.zero_bytes, stats.free_bytes);
+    assert_eq!(resident(), 0, "pages still resident after the release");
+    pool.check_consistency().unwrap();
+    pool.unwatch_pressure();
+    no_watcher_thread();
+}
+
 #[test]
 fn every_event_releases_again_and_extends_the_pressure() {
     let _serial = serial();

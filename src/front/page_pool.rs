@@ -372,7 +372,10 @@ impl PagePool {
     }
 
     /// Hints every unhinted free block at or above the hint order now, whether cold or not,
-    /// on the calling thread. For runtimes that drive hinting themselves.
+    /// on the calling thread. For runtimes that drive hinting themselves. Blocks in the
+    /// per-CPU caches stay there, warm for their CPU (the hinter drains a CPU's cache once
+    /// the CPU has been idle for `hint_delay`); [`release_idle`](Self::release_idle) takes
+    /// them too.
     pub fn hint_now(&self) -> HintReport {
         self.core.hint_now()
     }
@@ -383,8 +386,10 @@ impl PagePool {
     /// age. For a runtime after a burst, or an operator's "release idle memory now".
     /// Blocks held by [`LocalCache`](crate::LocalCache)s stay there.
     ///
-    /// Returns what was advised. Free blocks that were never touched are advised too (they
-    /// cost nothing either way): to see what left the process, compare
+    /// Under memory pressure it also drops blocks given back earlier with `MADV_FREE`
+    /// (they count against a cgroup until the kernel reclaims them).
+    ///
+    /// Returns what was advised; to see what left the process, compare
     /// [`ProcessMemory`](crate::ProcessMemory) readings.
     pub fn release_idle(&self) -> HintReport {
         self.core.release_idle(self.core.hint_min_order())

@@ -27,6 +27,7 @@ impl HintTarget for PoolCore {
         // Cached blocks are free memory too: merge the cold ones so they can be hinted.
         let cache_warm_in = shard.drain_cold_cache(crate::sync::now_ms(), plan.cold_ms);
         let mut isolation = shard.isolate(
+            plan.from,
             plan.min_order..=plan.max_order,
             plan.cold_ms,
             max_blocks,

@@ -14,6 +14,7 @@
 use super::PoolCore;
 use crate::FRAME_SIZE;
 use crate::config::HintMode;
+use crate::frame_table::FreeClass;
 use crate::policy::hint::{PassOutcome, PassPlan, cold_ms, run_pass};
 use crate::sync::Ordering;
 
@@ -63,6 +64,7 @@ impl PoolCore {
             min_order: self.resolved.hint_min_order,
             max_order: self.resolved.max_order,
             mode: self.hint_mode(),
+            from: FreeClass::Unhinted,
         }
     }
 
@@ -78,6 +80,7 @@ impl PoolCore {
                 min_order: self.resolved.hint_min_order,
                 max_order: self.resolved.max_order,
                 mode: self.hint_mode(),
+                from: FreeClass::Unhinted,
             },
         );
         if let Some(limit) = self.config.resident_free_limit {
@@ -127,6 +130,7 @@ impl PoolCore {
             min_order: 0,
             max_order: self.resolved.max_order,
             mode: self.hint_mode(),
+            from: FreeClass::Unhinted,
         };
         let first = run_pass(self, &plan);
         add(&mut outcome, &first);
@@ -165,9 +169,26 @@ impl PoolCore {
                     min_order,
                     max_order: hint_order - 1,
                     mode: HintMode::DontNeed,
+                    from: FreeClass::Unhinted,
                 },
             );
             released.add(&small);
+        }
+        if self.under_pressure.load(Ordering::Relaxed) && self.config.hint.mode == HintMode::Free {
+            // Lazily freed memory still counts against a cgroup's limit until the kernel
+            // reclaims it, which is the stall pressure warns of: drop it now.
+            let lazy = run_pass(
+                self,
+                &PassPlan {
+                    cold_ms: None,
+                    budget_bytes: u64::MAX,
+                    min_order,
+                    max_order: self.resolved.max_order,
+                    mode: HintMode::DontNeed,
+                    from: FreeClass::Hinted,
+                },
+            );
+            released.add(&lazy);
         }
         released
     }

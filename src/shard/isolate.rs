@@ -58,12 +58,14 @@ pub(crate) struct Isolation {
 }
 
 impl Locked<'_> {
-    /// Takes cold unhinted blocks of `orders` off the lists, largest first,
+    /// Takes cold blocks of class `from` (unhinted, or hinted to be dropped for good) and
+    /// of `orders` off the lists, largest first,
     /// marks them isolated and appends them to `out`, until `out` holds `max_blocks` or
     /// the budget is spent. `cold_ms = None` takes every candidate. A candidate larger than
     /// what is left of the budget is skipped (smaller ones may still fit) and reported.
     pub(crate) fn isolate(
         &mut self,
+        from: FreeClass,
         orders: std::ops::RangeInclusive<u8>,
         cold_ms: Option<u32>,
         max_blocks: usize,
@@ -73,7 +75,7 @@ impl Locked<'_> {
         let table = self.env.table;
         let now = crate::sync::now_ms();
         let mut result = Isolation::default();
-        let list = self.list(FreeClass::Unhinted);
+        let list = self.list(from);
         let fifo = self.env.policy == AllocPolicy::Fifo;
         let top = (*orders.end()).min(self.env.max_order);
         for order in (*orders.start()..=top).rev() {
@@ -90,7 +92,7 @@ impl Locked<'_> {
                 let idx = FrameIdx(cursor);
                 let frame = table.frame(idx);
                 cursor = if fifo { frame.next() } else { frame.prev() };
-                if frame.state() != FrameState::Unhinted {
+                if frame.state() != from.state() {
                     continue; // FIFO lists mix classes
                 }
                 if let Some(cold) = cold_ms {
@@ -109,7 +111,7 @@ impl Locked<'_> {
                     result.budget_hit = true;
                     break; // smaller orders may still fit
                 }
-                self.unlink(idx, order, FreeClass::Unhinted);
+                self.unlink(idx, order, from);
                 frame.set(FrameState::Isolated, order);
                 self.link(idx, order, FreeClass::Unhinted, ISOLATED);
                 bump(&self.counters(order).in_flight, 1);

@@ -45,6 +45,9 @@ pub(crate) struct PassPlan {
     pub(crate) max_order: u8,
     /// The advice.
     pub(crate) mode: HintMode,
+    /// The blocks taken: unhinted ones, or (under memory pressure) hinted ones, whose
+    /// `MADV_FREE` becomes a `MADV_DONTNEED` so that they stop counting against a cgroup.
+    pub(crate) from: FreeClass,
 }
 
 /// What the hinter needs from a pool.
