@@ -189,6 +189,7 @@ impl State {
             // SAFETY: listed pools are alive while the lock (borrowed through `self`) is
             // held; their entries are read under it.
             let core = unsafe { at.as_ref()? };
+            // SAFETY: as above: the entry is read under the registry lock.
             at = unsafe { core.entry.get() }.next;
             Some(core)
         })
