@@ -6,31 +6,14 @@
 //! Each test waits for a condition with a generous deadline (the machine may be busy);
 //! none measures speed.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use pagepool::{HintMode, PagePool, PoolBuilder, Stats, block_size};
 use proptest::prelude::*;
 
 mod common;
 
-use common::assert_balanced;
-
-/// Polls `done` until it holds, or fails with `what` and the last stats after `limit`.
-#[track_caller]
-fn eventually(pool: &PagePool, limit: Duration, what: &str, done: impl Fn(&Stats) -> bool) {
-    let start = Instant::now();
-    loop {
-        let s = pool.stats();
-        if done(&s) {
-            return;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not so after {limit:?}\n{s}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
+use common::{assert_balanced, eventually};
 
 /// Free bytes at or above `min_order` that are resident: unhinted (cached ones included).
 fn resident_free_at_or_above(s: &Stats, min_order: u8) -> u64 {

@@ -5,14 +5,13 @@
 //! The tests share one process-wide hinter thread and count it, so they run one at a time.
 
 use std::sync::Mutex;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pagepool::{PagePool, block_size};
 
 mod common;
 
-use common::assert_balanced;
+use common::{assert_balanced, within};
 
 /// The tests of this file count the process's hinter threads: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -31,20 +30,6 @@ fn hinter_threads() -> usize {
                 .count()
         })
         .unwrap_or(0)
-}
-
-/// Runs `f` on a thread and fails the test if it does not finish within `limit` (a hang).
-fn within<T: Send + 'static>(
-    limit: Duration,
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("{what}: still running after {limit:?} (a hang)"))
 }
 
 #[test]

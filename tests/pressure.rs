@@ -9,13 +9,16 @@ use std::io;
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use pagepool::{
     Block, HintMode, MAX_PRESSURE_SOURCES, PagePool, PressureLevel, PressureSource,
     PressureSourceError, block_size,
 };
+
+mod common;
+
+use common::within;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -64,20 +67,6 @@ fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
         assert!(start.elapsed() < limit, "{what}: not after {limit:?}");
         std::thread::sleep(Duration::from_millis(5));
     }
-}
-
-/// Runs `f` on a thread and fails if it does not finish within `limit` (a hang).
-fn within<T: Send + 'static>(
-    limit: Duration,
-    what: &str,
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(limit)
-        .unwrap_or_else(|_| panic!("{what}: still running after {limit:?} (a hang)"))
 }
 
 /// A fresh file to write events into, removed on drop.

@@ -7,9 +7,9 @@
 mod common;
 
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{MIB, assert_balanced, cached, quiet};
+use common::{MIB, assert_balanced, cached, eventually, quiet};
 use pagepool::{Block, BuildError, CpuCacheMode, HintMode, PagePool, ProcessMemory};
 use proptest::prelude::*;
 
@@ -45,27 +45,6 @@ fn held() -> Option<u64> {
         eprintln!("skipped: /proc/self/smaps_rollup is not available");
     }
     mem.map(|m| m.held())
-}
-
-/// Waits (up to `limit`) until `done` holds for the pool's stats.
-fn eventually(
-    pool: &PagePool,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&pagepool::Stats) -> bool,
-) {
-    let start = Instant::now();
-    loop {
-        let stats = pool.stats();
-        if done(&stats) {
-            return;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "{what}: not within {limit:?}: {stats:#?}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 #[test]

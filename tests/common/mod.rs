@@ -99,3 +99,41 @@ pub fn verify(block: &Block, tag: u8) {
         block.order()
     );
 }
+
+/// Polls the pool's stats until `done` holds, or fails with `what` and the last stats
+/// after `limit`.
+#[track_caller]
+pub fn eventually(
+    pool: &PagePool,
+    limit: std::time::Duration,
+    what: &str,
+    done: impl Fn(&Stats) -> bool,
+) {
+    let start = std::time::Instant::now();
+    loop {
+        let s = pool.stats();
+        if done(&s) {
+            return;
+        }
+        assert!(
+            start.elapsed() < limit,
+            "{what}: not so after {limit:?}\n{s}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it does not finish within `limit` (a hang).
+#[track_caller]
+pub fn within<T: Send + 'static>(
+    limit: std::time::Duration,
+    what: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(limit)
+        .unwrap_or_else(|_| panic!("{what}: still running after {limit:?} (a hang)"))
+}
