@@ -101,6 +101,7 @@ mod percpu;
 mod policy;
 mod pool;
 mod shard;
+mod slab;
 mod sync;
 
 pub use config::{

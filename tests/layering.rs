@@ -22,12 +22,13 @@ const LAYERS: &[(&str, u32)] = &[
     ("policy::capture", 6),
     ("policy", 7),
     ("pool", 8),
-    ("front::block", 9),
-    ("front::page_pool", 10),
-    ("front::local_cache", 11),
-    ("front::global", 12),
-    ("front::allocator_api", 13),
-    ("front", 14),
+    ("slab", 9),
+    ("front::block", 10),
+    ("front::page_pool", 11),
+    ("front::local_cache", 12),
+    ("front::global", 13),
+    ("front::allocator_api", 14),
+    ("front", 15),
 ];
 
 /// Items at the crate root that every layer may use: constants and size helpers in
@@ -220,5 +221,6 @@ fn the_checker_sees_paths_in_use_groups_and_expressions() {
         vec!["pool::PoolCore", "FRAME_SIZE", "sync::now_ms"]
     );
     assert_eq!(unit_of("policy::hint::pass"), Some(("policy::hint", 6)));
-    assert_eq!(unit_of("front::global::init"), Some(("front::global", 12)));
+    assert_eq!(unit_of("front::global::init"), Some(("front::global", 13)));
+    assert_eq!(unit_of("slab::heap"), Some(("slab", 9)));
 }

@@ -15,13 +15,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_utils::Backoff;
 
 use super::PoolAlloc;
-use super::reentry::Reentry;
 use crate::config::Backing;
 use crate::error::BuildError;
 use crate::os::machine::cpu_count;
 use crate::os::mapping::MetaArray;
 use crate::pool::PoolCore;
+use crate::pool::client::Client;
 use crate::pool::registry::registry;
+use crate::slab::SlabAlloc;
+use crate::slab::reentry::Reentry;
 use crate::sync::process_id;
 
 pub(super) const UNINIT: u64 = 0;
@@ -126,16 +128,44 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             })
             .map_err(BuildError::Map)
         });
+        // The small-object layer, in a mapping of its own beside the core's.
+        let built = built.and_then(|home| {
+            let core: *const PoolCore = &home[0];
+            let mut slab = None;
+            // SAFETY: the core lives in `home`, a mapping that is kept (in `self.home`)
+            // until `Drop`, which drops the layer first.
+            let made = unsafe { SlabAlloc::new(&*core, config.backing) }
+                .and_then(|made| {
+                    slab = Some(made);
+                    MetaArray::new(1, Backing::Mmap, false, |_| {
+                        slab.take().expect("one element")
+                    })
+                })
+                .map_err(BuildError::Map)?;
+            Ok((home, made))
+        });
         std::mem::forget(unwind);
         match built {
-            Ok(home) => {
+            Ok((home, slab_home)) => {
                 // SAFETY: we won UNINIT -> INITIALISING, so no other thread reads or writes
-                // `home` until the release stores below.
+                // the homes until the release stores below.
                 let home = unsafe { (*self.home.get()).write(home) };
+                // SAFETY: as above.
+                let slab_home = unsafe { (*self.slab_home.get()).write(slab_home) };
                 let core: &PoolCore = &home[0];
+                let slab: &SlabAlloc = &slab_home[0];
+                // SAFETY (the 'static): the layer lives in its mapping until `Drop`, which
+                // takes the core out of the registry (so neither the hinter nor the fork
+                // handlers call the client any more) before dropping it.
+                let client: &'static dyn Client =
+                    unsafe { std::mem::transmute::<&dyn Client, &'static dyn Client>(slab) };
+                let _attached = core.attach(client);
                 // SAFETY: the mapping keeps the core at this address until `Drop`, which
                 // leaves the registry first.
                 unsafe { registry().join(core) };
+                // The layer first: whoever sees the core also sees the layer.
+                self.slab
+                    .store(slab as *const SlabAlloc as *mut _, Ordering::Release);
                 self.core
                     .store(core as *const PoolCore as *mut _, Ordering::Release);
                 self.state.store(READY, Ordering::Release);
