@@ -109,7 +109,9 @@ pub use config::{
 };
 pub use error::{AllocError, BuildError, FreeError};
 #[cfg(not(loom))]
-pub use front::global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
+pub use front::global::{
+    DEFAULT_MIN_POOL_SIZE, DIRECT_MAP_MIN, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats,
+};
 pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
 pub use front::{Block, HintReport, PagePool};
 #[doc(hidden)]

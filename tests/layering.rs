@@ -63,6 +63,7 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("PoolAllocStats", "front::global"),
     ("DEFAULT_MIN_POOL_SIZE", "front::global"),
     ("GLOBAL_MAX_ORDER", "front::global"),
+    ("DIRECT_MAP_MIN", "front::global"),
     ("ProcessMemory", "os"),
     ("minor_faults", "os"),
     ("Advisor", "os"),

@@ -54,7 +54,7 @@ use std::cell::UnsafeCell;
 use std::fmt;
 use std::mem::MaybeUninit;
 use std::ptr;
-use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
 
@@ -74,6 +74,15 @@ use init::{FAILED, READY, UNINIT, phase};
 /// The default of [`PoolAlloc::min_pool_size`]: 1, every request goes to the pool (small
 /// ones to its slabs).
 pub const DEFAULT_MIN_POOL_SIZE: usize = 1;
+
+/// Requests needing more than this (1 MiB) may be mapped directly; requests above the
+/// pool's largest block always are. Between the two, a direct-mapping threshold decides:
+/// it starts here and, like glibc's dynamic mmap threshold, rises to the size of each
+/// mapping freed (up to the largest block), so a program that keeps allocating and freeing
+/// buffers of some size gets them from the pool after the first, while one that grows a
+/// few large vectors gets `mremap` (no copies, no freed copies left behind). Smaller
+/// requests never are.
+pub const DIRECT_MAP_MIN: usize = 1 << 20;
 
 /// The largest block of [`PoolAlloc::new`]: order 13, 32 MiB.
 ///
@@ -167,8 +176,15 @@ pub struct PoolAlloc<F: GlobalAlloc = System> {
     /// Requests of at most this many bytes can be slab objects.
     small_limit: usize,
     min_size: usize,
-    /// Requests of more than this many bytes (size or alignment) are mapped directly.
-    huge_above: usize,
+    /// Requests needing more than this many bytes (size or alignment) that the pool does
+    /// not serve are mapped directly, never given to the fallback: the direct-mapping
+    /// floor (see [`DIRECT_MAP_MIN`]).
+    map_floor: usize,
+    /// Requests needing more than this many bytes are mapped directly: the direct-mapping
+    /// threshold, from `map_floor` up to the largest block (raised as mappings are freed).
+    map_above: AtomicUsize,
+    /// The largest block.
+    block_max: usize,
     config: PoolBuilder,
     fallback: F,
     /// The phase (low byte) and, while initialising, the builder's process id.
@@ -224,7 +240,17 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             enabled: AtomicBool::new(true),
             small_limit: crate::slab::classes::small_limit(max),
             min_size: DEFAULT_MIN_POOL_SIZE,
-            huge_above: block_size(max),
+            map_floor: if DIRECT_MAP_MIN < block_size(max) {
+                DIRECT_MAP_MIN
+            } else {
+                block_size(max)
+            },
+            map_above: AtomicUsize::new(if DIRECT_MAP_MIN < block_size(max) {
+                DIRECT_MAP_MIN
+            } else {
+                block_size(max)
+            }),
+            block_max: block_size(max),
             config: config.hint_thread(false),
             fallback,
             state: AtomicU64::new(UNINIT),
@@ -293,7 +319,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         {
             return Route::Small(class);
         }
-        if size > self.huge_above || align > self.huge_above {
+        if size.max(align) > self.map_above.load(Ordering::Relaxed) {
             return Route::Huge;
         }
         match order_for(size, align) {
@@ -302,10 +328,28 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         }
     }
 
-    /// Whether a layout is above the largest block: its allocation is a direct mapping.
+    /// Whether an allocation of `layout` outside the region is a direct mapping (else it
+    /// is the fallback's): it needs more than the direct-mapping floor.
     #[inline(always)]
-    fn is_huge(&self, layout: Layout) -> bool {
-        layout.size() > self.huge_above || layout.align() > self.huge_above
+    fn is_mapping(&self, layout: Layout) -> bool {
+        layout.size().max(layout.align()) > self.map_floor
+    }
+
+    /// A mapping made for `layout` is going away: like glibc's dynamic mmap threshold,
+    /// later requests up to its size go to the pool, which keeps freed memory for reuse
+    /// (and hints it back when it stays cold) instead of paying `mmap`, `munmap` and fresh
+    /// page faults every time.
+    #[inline]
+    fn unmapped(&self, layout: Layout) {
+        let need = layout.size().max(layout.align());
+        if need <= self.block_max && need > self.map_above.load(Ordering::Relaxed) {
+            self.map_above.fetch_max(need, Ordering::Relaxed);
+        }
+        bump(&self.counters.huge_unmapped);
+        add(
+            &self.counters.huge_bytes,
+            (layout.size() as u64).wrapping_neg(),
+        );
     }
 
     /// Whether a request of `size` bytes may go to the pool.
@@ -378,6 +422,10 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             && let Some(ptr) = self.alloc_pool(order, layout.size(), zero)
         {
             return ptr;
+        }
+        if self.is_mapping(layout) {
+            // Not the fallback: see the module docs.
+            return self.alloc_huge(layout, zero);
         }
         self.fallback_alloc(layout, zero)
     }
@@ -613,7 +661,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         if !new.is_null() {
             let counter = if self.contains(new) {
                 &self.counters.moved_within_pool
-            } else if self.is_huge(Layout::from_size_align(new_size, align).expect("valid")) {
+            } else if self.is_mapping(Layout::from_size_align(new_size, align).expect("valid")) {
                 &self.counters.moved_out_of_pool
             } else {
                 &self.counters.moved_to_fallback
@@ -630,7 +678,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     unsafe fn realloc_huge(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         // SAFETY: as `move_to_new`: a valid layout.
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
-        if self.is_huge(new_layout) {
+        if self.is_mapping(new_layout) {
             // SAFETY: a mapping made for `layout` (the caller's guarantee).
             let new = unsafe { huge::remap(ptr, layout.size(), new_size, layout.align()) };
             if !new.is_null() {
@@ -642,16 +690,12 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             }
             return new;
         }
-        // Below the largest block it must leave the mapping (a mapping is recognised by
-        // its layout): into the pool, or the fallback.
+        // At or below the floor it must leave the mapping (a mapping is recognised by its
+        // layout): into the pool, or the fallback.
         self.move_to_new(ptr, layout, new_size, || {
             // SAFETY: the mapping was made for `layout` and is no longer used.
             unsafe { huge::unmap(ptr, layout.size(), layout.align()) };
-            bump(&self.counters.huge_unmapped);
-            add(
-                &self.counters.huge_bytes,
-                (layout.size() as u64).wrapping_neg(),
-            );
+            self.unmapped(layout);
         })
     }
 
@@ -664,8 +708,8 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         let new_layout = unsafe { Layout::from_size_align_unchecked(new_size, layout.align()) };
         // SAFETY (both closures): the fallback allocated `ptr` with `layout`.
         let free_old = || unsafe { self.fallback.dealloc(ptr, layout) };
-        if self.is_huge(new_layout) {
-            // Past the largest block it must become a mapping (see the module docs).
+        if self.is_mapping(new_layout) {
+            // Past the floor it must become a mapping (see the module docs).
             return self.move_to_new(ptr, layout, new_size, free_old);
         }
         if new_size > layout.size() && self.pool_wanted(new_size) {
@@ -749,14 +793,10 @@ unsafe impl<F: GlobalAlloc> GlobalAlloc for PoolAlloc<F> {
                 Found::Outside => {}
             }
         }
-        if self.is_huge(layout) {
-            // SAFETY: a layout above the largest block is always a mapping of ours.
+        if self.is_mapping(layout) {
+            // SAFETY: outside the region, above the floor: always a mapping of ours.
             unsafe { huge::unmap(ptr, layout.size(), layout.align()) };
-            bump(&self.counters.huge_unmapped);
-            add(
-                &self.counters.huge_bytes,
-                (layout.size() as u64).wrapping_neg(),
-            );
+            self.unmapped(layout);
             return;
         }
         // SAFETY: neither the region nor a mapping: the fallback allocated it with
@@ -777,7 +817,7 @@ unsafe impl<F: GlobalAlloc> GlobalAlloc for PoolAlloc<F> {
                 Found::Outside => {}
             }
         }
-        if self.is_huge(layout) {
+        if self.is_mapping(layout) {
             // SAFETY: a mapping (see `dealloc`), with the caller's guarantees.
             return unsafe { self.realloc_huge(ptr, layout, new_size) };
         }
