@@ -230,7 +230,10 @@ fn aligned_mappings_keep_their_alignment_through_mremap() {
         unsafe {
             let mut size = 33 << 20;
             let mut p = GLOBAL.alloc_zeroed(Layout::from_size_align(size, align).unwrap());
-            assert!(!p.is_null() && p as usize % align == 0, "align {align}");
+            assert!(
+                !p.is_null() && (p as usize).is_multiple_of(align),
+                "align {align}"
+            );
             assert!(
                 std::slice::from_raw_parts(p, size)
                     .iter()
@@ -243,7 +246,7 @@ fn aligned_mappings_keep_their_alignment_through_mremap() {
             for new_size in [70 << 20, 34 << 20, 130 << 20] {
                 let q = GLOBAL.realloc(p, Layout::from_size_align(size, align).unwrap(), new_size);
                 assert!(
-                    !q.is_null() && q as usize % align == 0,
+                    !q.is_null() && (q as usize).is_multiple_of(align),
                     "align {align}, {new_size}"
                 );
                 check(q, 1 << 20, 5);

@@ -103,7 +103,7 @@ impl SlabAlloc {
             while !at.is_null() {
                 let addr = at.addr();
                 let off = addr.wrapping_sub(start);
-                if off >= s.bump as usize * size || off % size != 0 {
+                if off >= s.bump as usize * size || !off.is_multiple_of(size) {
                     walk = Err(format!(
                         "slab at granule {g}: free object {at:p} is not a carved object"
                     ));

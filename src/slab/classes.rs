@@ -45,8 +45,8 @@ pub(crate) const MIN_OBJECTS: usize = 8;
 /// Bytes of free objects a CPU may cache per class (the count is clamped to
 /// `1..=MAX_CACHE`): 8 KiB, so a CPU caches at most about 0.7 MiB over all classes.
 pub(crate) const CACHE_CLASS_BYTES: usize = 8 << 10;
-/// The most objects a CPU caches per class.
-pub(crate) const MAX_CACHE: usize = 64;
+/// The most objects a CPU caches per class (4 under loom, to keep the models small).
+pub(crate) const MAX_CACHE: usize = if cfg!(loom) { 4 } else { 64 };
 /// The most objects one refill or spill moves.
 pub(crate) const MAX_BATCH: usize = MAX_CACHE / 2;
 
@@ -120,7 +120,7 @@ const fn class_size(index: usize) -> usize {
 pub(crate) const fn class_index(size: usize) -> usize {
     if size <= 128 {
         let size = if size < MIN_SIZE { MIN_SIZE } else { size };
-        (size + 7) / 8 - 2
+        size.div_ceil(8) - 2
     } else {
         // size - 1 lies in [2^b, 2^(b+1)); the classes of that doubling are 2^(b-3) apart.
         let b = (usize::BITS - 1 - (size - 1).leading_zeros()) as usize;

@@ -86,6 +86,7 @@ mod loom_models;
 use std::io;
 use std::ptr::NonNull;
 
+#[cfg_attr(loom, allow(unused_imports))]
 pub(crate) use classes::class_for;
 use classes::{GRANULE_SHIFT, INFO, MIN_SIZE};
 pub(crate) use heap::FRESH;

@@ -100,7 +100,7 @@ impl SlabAlloc {
 
     /// Sends the object at `addr` to its owner heap's remote queue.
     #[inline]
-    fn free_remote(&self, addr: usize, owner: usize) {
+    pub(super) fn free_remote(&self, addr: usize, owner: usize) {
         // SAFETY: the object is being freed: free, ours to write, on no list.
         unsafe { self.heaps[owner].remote.push(&ObjectLinks(self), addr) };
     }

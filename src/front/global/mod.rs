@@ -60,7 +60,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::config::PoolBuilder;
 use crate::error::{AllocError, BuildError};
-use crate::frame_table::FreeClass;
+use crate::frame_table::{FrameState, FreeClass};
 use crate::os::mapping::MetaArray;
 use crate::pool::PoolCore;
 use crate::slab::reentry;
@@ -627,9 +627,11 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         // in-place resize below keep `order_for(size, align)` equal to it.
         let old_order =
             order_for(layout.size(), align).expect("a pool block's layout has an order");
+        // The block must be allocated with that order: resizing in place trusts it. (A
+        // racy read of the frame table, exact for a block the caller owns.)
         let idx = match core.frame_of(ptr) {
-            Ok(idx) => idx,
-            Err(_) => fatal(b"pagepool: realloc of a pointer that is not a pool block\n"),
+            Ok(idx) if core.table().frame(idx).get() == (FrameState::Allocated, old_order) => idx,
+            _ => fatal(b"pagepool: realloc of a pointer that is not a pool block allocated with this layout\n"),
         };
         // Where a fresh allocation of the new size would go; a block that would become a
         // small object stays a block while it keeps more than half of it (no copy).
