@@ -176,8 +176,8 @@ fn pool_alloc_as_allocator() {
         "small requests are slab objects in the pool"
     );
     let mut v: AVec<u64, &PoolAlloc> = AVec::new_in(&ADAPTER);
-    for i in 0..(256u64 << 10) {
-        v.push(i); // 2 MiB: starts as a slab object, moves to a page block, grows there
+    for i in 0..(128u64 << 10) {
+        v.push(i); // 1 MiB: starts as a slab object, moves to a page block, grows there
     }
     assert!(ADAPTER.contains(v.as_ptr().cast()));
     assert!(v.iter().enumerate().all(|(i, &x)| x == i as u64));

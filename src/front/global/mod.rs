@@ -110,9 +110,11 @@ pub const GLOBAL_MAX_ORDER: u8 = 13;
 /// fn main() {
 ///     // Optional: give idle memory back to the OS in the background.
 ///     GLOBAL.start_hinter().expect("spawn the hinter thread");
-///     let big = vec![7u8; 8 << 20]; // a pool block
-///     let small = String::from("hi"); // a slab object, also in the pool
-///     assert!(GLOBAL.contains(big.as_ptr()) && GLOBAL.contains(small.as_ptr()));
+///     let small = String::from("hi"); // a slab object
+///     let big = vec![7u8; 512 << 10]; // a pool block
+///     let huge = vec![0u8; 64 << 20]; // a mapping of its own
+///     assert!(GLOBAL.contains(small.as_ptr()) && GLOBAL.contains(big.as_ptr()));
+///     assert!(!GLOBAL.contains(huge.as_ptr()));
 /// }
 /// ```
 ///
@@ -607,7 +609,9 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             return ptr; // still fits, and would not shrink to a much smaller class
         }
         // SAFETY: `ptr` is live in `entry`'s slab (the caller's guarantee).
-        self.move_to_new(ptr, layout, new_size, || unsafe { slab.free(ptr, entry) })
+        let new = self.move_to_new(ptr, layout, new_size, || unsafe { slab.free(ptr, entry) });
+        self.count_move_from_pool(new, new_size, layout.align());
+        new
     }
 
     /// `realloc` of a page block.
@@ -660,17 +664,23 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             }
         }
         let new = self.move_to_new(ptr, layout, new_size, || self.free_pool(core, ptr));
-        if !new.is_null() {
-            let counter = if self.contains(new) {
-                &self.counters.moved_within_pool
-            } else if self.is_mapping(Layout::from_size_align(new_size, align).expect("valid")) {
-                &self.counters.moved_out_of_pool
-            } else {
-                &self.counters.moved_to_fallback
-            };
-            bump(counter);
-        }
+        self.count_move_from_pool(new, new_size, align);
         new
+    }
+
+    /// Counts a `realloc` that moved an allocation of the pool to `new` (null: it failed).
+    fn count_move_from_pool(&self, new: *mut u8, new_size: usize, align: usize) {
+        if new.is_null() {
+            return;
+        }
+        let counter = if self.contains(new) {
+            &self.counters.moved_within_pool
+        } else if new_size.max(align) > self.map_floor {
+            &self.counters.moved_out_of_pool
+        } else {
+            &self.counters.moved_to_fallback
+        };
+        bump(counter);
     }
 
     /// `realloc` of a direct mapping.
