@@ -80,9 +80,28 @@ pub(crate) struct ClassInfo {
     limit: u64,
     /// Bytes of a slab that objects cover: `objects * size`.
     pub(crate) span: u32,
+    /// Where the occupancy bins of a partial slab start: bin `k` (1..=3) holds the slabs
+    /// with at least `bin_at[k - 1]` objects out, `ceil(k * objects / 4)`.
+    pub(crate) bin_at: [u32; 3],
 }
 
 impl ClassInfo {
+    /// The occupancy bin (0..=3) of a partial slab with `used` objects out: quarters of
+    /// the slab, without a division.
+    #[inline]
+    pub(crate) fn bin(&self, used: u32) -> usize {
+        (used >= self.bin_at[0]) as usize
+            + (used >= self.bin_at[1]) as usize
+            + (used >= self.bin_at[2]) as usize
+    }
+
+    /// Whether a slab that had `old` objects out changes list when one comes back: it was
+    /// full, or `old` starts a bin.
+    #[inline]
+    pub(crate) fn leaves_list_at(&self, old: u32) -> bool {
+        old == self.objects || self.bin_at.contains(&old)
+    }
+
     /// Whether `offset` is a multiple of the object size: one multiplication and a rotate
     /// (the test compilers emit for `x % C == 0`: Hacker's Delight 10-17), so the free
     /// path can refuse a pointer into the middle of an object without dividing.
@@ -172,6 +191,7 @@ const fn build() -> [ClassInfo; CLASSES] {
         shift: 0,
         limit: 0,
         span: 0,
+        bin_at: [0; 3],
     }; CLASSES];
     let mut i = 0;
     while i < CLASSES {
@@ -205,6 +225,14 @@ const fn build() -> [ClassInfo; CLASSES] {
             shift,
             limit: u64::MAX / size as u64,
             span: (((FRAME_SIZE << order) / size) * size) as u32,
+            bin_at: {
+                let objects = (FRAME_SIZE << order) / size;
+                [
+                    objects.div_ceil(4) as u32,
+                    (2 * objects).div_ceil(4) as u32,
+                    (3 * objects).div_ceil(4) as u32,
+                ]
+            },
         };
         i += 1;
     }
@@ -282,6 +310,18 @@ mod tests {
             assert!(info.slab_order <= MAX_SLAB_ORDER);
             assert!(info.batch >= 1 && info.batch <= info.cache.max(1));
             assert!(info.cache as usize <= MAX_CACHE);
+        }
+    }
+
+    #[test]
+    fn bins_are_quarters() {
+        for info in &INFO {
+            for used in 0..info.objects {
+                let quarter = (used as u64 * 4 / info.objects as u64).min(3) as usize;
+                assert_eq!(info.bin(used), quarter, "{used} of {}", info.objects);
+                let moves = used + 1 == info.objects || info.bin(used) != info.bin(used + 1);
+                assert_eq!(info.leaves_list_at(used + 1), moves, "{used} + 1 of {}", info.objects);
+            }
         }
     }
 

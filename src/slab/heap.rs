@@ -237,11 +237,11 @@ impl Locked<'_> {
             let d = self.desc(first);
             (d.class as usize, d.used, d.list)
         };
-        let objects = INFO[class].objects;
-        let want = if used == objects {
+        let info = &INFO[class];
+        let want = if used == info.objects {
             list::FULL
         } else {
-            list::BIN0 + bin_of(used, objects) as u8
+            list::BIN0 + info.bin(used) as u8
         };
         if want == now {
             return;
@@ -441,12 +441,13 @@ impl Locked<'_> {
             d.used -= 1;
             (d.class as usize, d.used)
         };
+        let info = &INFO[class];
         let c = &self.heap.counters;
         add(&c.out_objects, 1u64.wrapping_neg());
-        add(&c.out_bytes, (INFO[class].size as u64).wrapping_neg());
+        add(&c.out_bytes, (info.size as u64).wrapping_neg());
         if used == 0 {
             self.emptied(first);
-        } else {
+        } else if info.leaves_list_at(used + 1) {
             self.settle(first);
         }
     }
@@ -549,10 +550,4 @@ pub(crate) struct SlabSnapshot {
     pub(crate) used: u32,
     pub(crate) class: usize,
     pub(crate) list: u8,
-}
-
-/// The occupancy bin of a partial slab with `used` of `objects` out.
-#[inline]
-fn bin_of(used: u32, objects: u32) -> usize {
-    ((used as u64 * BINS as u64) / objects as u64).min(BINS as u64 - 1) as usize
 }
