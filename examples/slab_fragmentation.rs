@@ -43,9 +43,10 @@ impl Rng {
     }
 }
 
+/// Filled with a byte that is never 0, so every page of it is written.
 fn object(rng: &mut Rng) -> Box<[u8]> {
     let size = rng.size();
-    vec![size as u8; size].into_boxed_slice()
+    vec![size as u8 | 1; size].into_boxed_slice()
 }
 
 fn report(phase: &str, live: usize) {

@@ -94,14 +94,23 @@ fn remote(layout: Layout, n: usize) -> f64 {
 fn main() {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!("ns per operation (pair: alloc + free; batch: per alloc or free; remote: per object)");
-    println!("{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}", "size", "pair pool", "pair sys", "batch pool", "batch sys", "remote pool", "remote sys");
+    println!(
+        "{:>6} {:>10} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "size", "pair pool", "pair sys", "batch pool", "batch sys", "remote pool", "remote sys"
+    );
     for size in SIZES {
         let layout = Layout::from_size_align(size, 8).unwrap();
         let mut row = Vec::new();
         for (what, f) in [
             ("pair", &(|l| pair(l, 5_000_000)) as &dyn Fn(Layout) -> f64),
             ("batch", &|l| batch(l, 200)),
-            ("remote", &|l| if cpus > 1 { remote(l, 2_000_000) } else { f64::NAN }),
+            ("remote", &|l| {
+                if cpus > 1 {
+                    remote(l, 2_000_000)
+                } else {
+                    f64::NAN
+                }
+            }),
         ] {
             let _ = what;
             for on in [true, false] {
