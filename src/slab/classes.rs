@@ -320,7 +320,12 @@ mod tests {
                 let quarter = (used as u64 * 4 / info.objects as u64).min(3) as usize;
                 assert_eq!(info.bin(used), quarter, "{used} of {}", info.objects);
                 let moves = used + 1 == info.objects || info.bin(used) != info.bin(used + 1);
-                assert_eq!(info.leaves_list_at(used + 1), moves, "{used} + 1 of {}", info.objects);
+                assert_eq!(
+                    info.leaves_list_at(used + 1),
+                    moves,
+                    "{used} + 1 of {}",
+                    info.objects
+                );
             }
         }
     }

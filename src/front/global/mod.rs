@@ -137,9 +137,11 @@ pub const GLOBAL_MAX_ORDER: u8 = 13;
 /// # Configuration
 /// [`new`](Self::new) uses [`PoolBuilder::new`] with `max_order(`[`GLOBAL_MAX_ORDER`]`)`:
 /// 32 MiB blocks (larger requests are mapped directly), a capacity equal to physical
-/// memory (reserved with `MAP_NORESERVE`, so it costs nothing until touched), one shard per
-/// CPU in the thread's affinity mask. [`with_config`](Self::with_config) takes any
-/// builder; every builder setter is a `const fn`:
+/// memory (reserved with `MAP_NORESERVE`, so it costs nothing until touched), and, unless
+/// the builder says otherwise, one shard per four CPUs in the thread's affinity mask (the
+/// CPU heaps in front of the shards take the small requests; fewer shards keep less freed
+/// memory apart). [`with_config`](Self::with_config) takes any builder; every builder
+/// setter is a `const fn`:
 ///
 /// ```
 /// use pagepool::{PoolAlloc, PoolBuilder};
@@ -651,10 +653,14 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
                 return self.move_to_new(ptr, layout, new_size, || self.defer_free(ptr));
             };
             if order == old_order {
+                if new_size < layout.size() {
+                    release_tail(ptr, new_size, block_size(order));
+                }
                 return ptr;
             }
             if order < old_order {
                 core.shrink_frame(idx, old_order, order);
+                release_tail(ptr, new_size, block_size(order));
                 bump(&self.counters.shrunk_in_place);
                 return ptr;
             }
@@ -839,6 +845,29 @@ unsafe impl<F: GlobalAlloc> GlobalAlloc for PoolAlloc<F> {
 }
 
 // --- helpers -------------------------------------------------------------------------------
+
+/// A page block shrunk in place to `size` bytes keeps the pages of its block past them,
+/// which the program wrote while it was larger: give them back to the OS at once
+/// (`MADV_DONTNEED`; they read as zeros if the block grows again), when there are at least
+/// [`TAIL_RELEASE_MIN`] bytes of them. Shrinking is rare, so the system call is cheap next
+/// to the memory it returns (`Vec::shrink_to_fit` leaves up to half a block otherwise).
+fn release_tail(ptr: *mut u8, size: usize, block: usize) {
+    let start = size.next_multiple_of(FRAME_SIZE);
+    if block.saturating_sub(start) < TAIL_RELEASE_MIN {
+        return;
+    }
+    #[cfg(not(miri))]
+    // SAFETY: `[ptr + start, ptr + block)` lies inside the caller's allocated block, past
+    // the bytes it keeps; the pages read as zeros afterwards, which nobody relies on.
+    unsafe {
+        libc::madvise(ptr.add(start).cast(), block - start, libc::MADV_DONTNEED);
+    }
+    #[cfg(miri)]
+    let _ = ptr;
+}
+
+/// The smallest tail [`release_tail`] gives back: 16 KiB.
+const TAIL_RELEASE_MIN: usize = 16 << 10;
 
 /// Writes `msg` to stderr and aborts, without allocating or unwinding (a global allocator
 /// must not unwind).
