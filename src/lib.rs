@@ -111,7 +111,8 @@ pub use config::{
 pub use error::{AllocError, BuildError, FreeError};
 #[cfg(not(loom))]
 pub use front::global::{
-    DEFAULT_MIN_POOL_SIZE, DIRECT_MAP_MIN, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats,
+    DEFAULT_MIN_POOL_SIZE, DIRECT_MAP_MIN, GLOBAL_HINT_MIN_ORDER, GLOBAL_MAX_ORDER, PoolAlloc,
+    PoolAllocStats,
 };
 pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
 pub use front::{Block, HintReport, PagePool};

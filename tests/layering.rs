@@ -64,6 +64,7 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("DEFAULT_MIN_POOL_SIZE", "front::global"),
     ("GLOBAL_MAX_ORDER", "front::global"),
     ("DIRECT_MAP_MIN", "front::global"),
+    ("GLOBAL_HINT_MIN_ORDER", "front::global"),
     ("ProcessMemory", "os"),
     ("minor_faults", "os"),
     ("Advisor", "os"),

@@ -45,6 +45,8 @@ pub(crate) const MIN_OBJECTS: usize = 8;
 /// Bytes of free objects a CPU may cache per class (the count is clamped to
 /// `1..=MAX_CACHE`): 8 KiB, so a CPU caches at most about 0.7 MiB over all classes.
 pub(crate) const CACHE_CLASS_BYTES: usize = 8 << 10;
+/// The fewest objects a CPU caches per class.
+pub(crate) const MIN_CACHE: usize = 1;
 /// The most objects a CPU caches per class (4 under loom, to keep the models small).
 pub(crate) const MAX_CACHE: usize = if cfg!(loom) { 4 } else { 64 };
 /// The most objects one refill or spill moves.
@@ -210,8 +212,8 @@ const fn build() -> [ClassInfo; CLASSES] {
         if cache > MAX_CACHE {
             cache = MAX_CACHE;
         }
-        if cache < 1 {
-            cache = 1;
+        if cache < MIN_CACHE {
+            cache = MIN_CACHE;
         }
         let batch = if cache / 2 > 1 { cache / 2 } else { 1 };
         info[i] = ClassInfo {

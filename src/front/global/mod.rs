@@ -84,6 +84,17 @@ pub const DEFAULT_MIN_POOL_SIZE: usize = 1;
 /// requests never are.
 pub const DIRECT_MAP_MIN: usize = 1 << 20;
 
+/// The smallest free block the hinter of [`PoolAlloc::new`] gives back to the OS: order 4,
+/// 64 KiB (a `PagePool` stops at 2 MiB, so transparent huge pages are never split; the
+/// global allocator's region does not ask for them).
+///
+/// Emptied slabs go back to the pool as blocks of 64 KiB and up, and after a program has
+/// freed most of what it allocated, the survivors are scattered: hardly any 2 MiB of the
+/// heap is free in one piece. Measured with `examples/slab_fragmentation.rs` (1 GB of small
+/// objects, 90 % freed, churn, 3 s idle): `Rss - LazyFree` 253 MiB against 1053 MiB with
+/// the 2 MiB floor.
+pub const GLOBAL_HINT_MIN_ORDER: u8 = 4;
+
 /// The largest block of [`PoolAlloc::new`]: order 13, 32 MiB.
 ///
 /// Requests above it get a mapping of their own (resized with `mremap`, unmapped on free),
@@ -216,7 +227,11 @@ impl PoolAlloc<System> {
     /// An adapter with the default configuration and [`System`] as fallback. See the type
     /// docs for the defaults.
     pub const fn new() -> Self {
-        Self::with_config(PoolBuilder::new().max_order(GLOBAL_MAX_ORDER))
+        Self::with_config(
+            PoolBuilder::new()
+                .max_order(GLOBAL_MAX_ORDER)
+                .hint_min_order(GLOBAL_HINT_MIN_ORDER),
+        )
     }
 
     /// An adapter with `config` and [`System`] as fallback.
@@ -470,7 +485,12 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         };
         let core = self.core_or_init()?;
         self.free_deferred(core);
-        match core.alloc_frame(order, zero, None) {
+        // Known-zero memory saves the memset but is fresh: every page faults in, and taking
+        // it for every zeroed request would grow the footprint. Only blocks of 2 MiB and
+        // more ask for it (as the pool does with its default hint order; this adapter
+        // hints smaller blocks too, see `new`); smaller ones skip the memset when they
+        // happen to get a known-zero block.
+        match core.alloc_frame(order, zero && order >= PREFER_ZERO_ORDER, None) {
             Ok((idx, class)) => {
                 let ptr = core.frame_ptr(idx).as_ptr();
                 if zero {
@@ -865,6 +885,9 @@ fn release_tail(ptr: *mut u8, size: usize, block: usize) {
     #[cfg(miri)]
     let _ = ptr;
 }
+
+/// Zeroed page blocks of this order (2 MiB) and up prefer known-zero memory.
+const PREFER_ZERO_ORDER: u8 = 9;
 
 /// The smallest tail [`release_tail`] gives back: 16 KiB.
 const TAIL_RELEASE_MIN: usize = 16 << 10;
