@@ -44,7 +44,9 @@ impl SlabAlloc {
                 None => true,
                 Some(ms) => !active && idle_for >= ms,
             };
-            if drain {
+            // An empty cache needs no drain (and no `membarrier`); a push racing this
+            // look is found by the next pass.
+            if drain && self.cached_on(cpu) > 0 {
                 // The CPU's cache holds only this heap's objects.
                 self.caches
                     .drain_cpu(cpu, |_class, items| locked.put_back_items(items));

@@ -4,19 +4,21 @@
 //! By size and alignment at allocation; by address (and, for direct mappings, the layout
 //! `GlobalAlloc` hands back) at `dealloc` and `realloc`:
 //!
-//! | request | served by | freed by |
+//! | request (size or alignment) | served by | freed by |
 //! |---|---|---|
-//! | up to 32 KiB ([`SMALL_LIMIT`](crate::PoolAlloc)), alignment a size class has | a slab object: per-CPU cache, CPU heap, slab (the small-object layer) | address in a slab |
-//! | up to the largest block (32 MiB with `new()`) | a pool block of `order_for(size, align)` | address in the region, no slab there |
-//! | above the largest block (size or alignment) | its own `mmap`, resized with `mremap` | the layout says "above the largest block" |
-//! | from inside the pool (re-entrant), pool exhausted, pool switched off or not built | the fallback (`System`) | address outside the region and layout not above the largest block |
+//! | up to 32 KiB, with an alignment a size class has | a slab object: per-CPU cache, CPU heap, slab (the small-object layer) | its address: in a slab |
+//! | up to the direct-mapping threshold | a pool block of `order_for(size, align)` | its address: in the region, no slab there |
+//! | above the threshold (from [`DIRECT_MAP_MIN`], 1 MiB, rising to the largest block) | its own `mmap`, resized with `mremap` | its layout: above 1 MiB, outside the region |
+//! | from inside the pool (re-entrant), pool exhausted, switched off or not built | the fallback (`System`) | outside the region, layout at most 1 MiB |
 //!
-//! A direct mapping is never confused with a fallback allocation: requests above the
-//! largest block always get a mapping, whatever the state (re-entrant, switched off, pool
-//! not built), and a fallback allocation that `realloc` grows past the largest block moves
-//! into a mapping (a mapping shrunk below it moves out). So a layout above the largest
-//! block at `dealloc` means a mapping, and any other pointer outside the region means the
-//! fallback.
+//! A direct mapping is never confused with a fallback allocation: every request needing
+//! more than the direct-mapping floor ([`DIRECT_MAP_MIN`], or the largest block if that is
+//! smaller) that the pool does not serve gets a mapping, whatever the state (re-entrant,
+//! switched off, pool exhausted or not built); a fallback allocation that `realloc` grows
+//! past the floor moves into a mapping, and a mapping shrunk to the floor or below moves
+//! out. So outside the region, a layout above the floor means a mapping and any other
+//! means the fallback. The threshold between the floor and the largest block only decides
+//! where new requests go: a page block is found by its address whatever its size.
 //!
 //! # Initialisation
 //! The pool is created on the first request that should go to it. A state word
