@@ -185,6 +185,7 @@ pub const GLOBAL_MAX_ORDER: u8 = 13;
 /// isolated go back to the lists there, per-CPU caches that a parent thread was using are
 /// reopened, and no hinter thread runs until [`start_hinter`](Self::start_hinter) is called
 /// in the child ([`hinter_running`](Self::hinter_running) says `false` until then).
+#[repr(C)] // the fields the fast paths read first, on one cache line
 pub struct PoolAlloc<F: GlobalAlloc = System> {
     // The fields the fast paths read, together.
     /// The small-object layer (null before the pool is built): in `slab_home`.
@@ -847,11 +848,12 @@ unsafe impl<F: GlobalAlloc> GlobalAlloc for PoolAlloc<F> {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         if let Some(slab) = self.ready_slab() {
             match slab.find(ptr) {
-                // SAFETY (both): a live allocation of ours, with the caller's guarantees.
                 Found::Object(entry) => {
+                    // SAFETY: a live slab object of ours, with the caller's guarantees.
                     return unsafe { self.realloc_object(slab, ptr, entry, layout, new_size) };
                 }
                 Found::Page => {
+                    // SAFETY: a live page block of ours, with the caller's guarantees.
                     return unsafe { self.realloc_pool(slab.core(), ptr, layout, new_size) };
                 }
                 Found::Outside => {}
