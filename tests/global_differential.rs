@@ -467,6 +467,8 @@ fn run_with(
             world.ranges.lock().unwrap().is_empty(),
             "seed {seed}: all freed"
         );
+        // Every cache (per-CPU object caches, the pool's block caches) gives back first.
+        pool.drain_caches();
         pool.check_consistency()
             .unwrap_or_else(|e| panic!("seed {seed}: pool inconsistent: {e}"));
         let stats = pool.pool_stats().expect("the pool was built");

@@ -96,6 +96,7 @@ fn doubling_grows_in_place_in_a_fresh_pool() {
         LOCAL.dealloc(moved, Layout::from_size_align(768 << 10, align).unwrap());
         LOCAL.dealloc(other, Layout::from_size_align(512 << 10, 8).unwrap());
     }
+    LOCAL.drain_caches();
     LOCAL.check_consistency().unwrap();
     let pool = LOCAL.pool_stats().unwrap();
     assert_eq!(pool.allocated_bytes, 0, "{pool}");

@@ -322,6 +322,7 @@ fn small_objects_under_stress_keep_their_invariants() {
         stats.remote_frees > 0 && stats.slab_refills > 0 && stats.slab_spills > 0,
         "{stats}"
     );
+    UNDER_TEST.drain_caches();
     UNDER_TEST.check_consistency().expect("books balance");
     let after = UNDER_TEST.stats();
     assert_eq!(after.slab_live_objects, 0, "{after}");
