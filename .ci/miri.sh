@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Runs the single-threaded tests of the unsafe core (tests/miri_core.rs) under Miri, on a
-# heap-backed region. Needs the nightly toolchain with the miri component:
+# Runs the tests of the unsafe core (tests/miri_core.rs) and of the small-object layer
+# (tests/miri_slab.rs) under Miri, on a heap-backed region. Needs the nightly toolchain
+# with the miri component:
 #   rustup component add --toolchain nightly miri
 # Without it, prints why and exits 0, so CI passes on machines without nightly.
 set -euo pipefail
@@ -23,5 +24,5 @@ export CARGO_TARGET_DIR="${MIRI_TARGET_DIR:-$PWD/target/miri}"
 export MIRIFLAGS="${MIRIFLAGS:--Zmiri-permissive-provenance}"
 start=$(date +%s)
 cargo +nightly miri setup
-cargo +nightly miri test --test miri_core
+cargo +nightly miri test --test miri_core --test miri_slab
 echo "miri: passed in $(( $(date +%s) - start )) s"

@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 use pagepool::PoolAlloc;
 use rayon::prelude::*;
 
-/// The process's allocator: blocks of 2 KiB to 32 MiB from the pool, the rest from the
-/// system allocator.
+/// The process's allocator: small objects from the pool's slabs, page-sized requests from
+/// its blocks, the largest from mappings of their own.
 #[global_allocator]
 pub(crate) static GLOBAL: PoolAlloc = PoolAlloc::new();
 

@@ -19,5 +19,6 @@ export LOOM_MAX_PREEMPTIONS="${LOOM_MAX_PREEMPTIONS:-2}"
 export CARGO_TARGET_DIR="${LOOM_TARGET_DIR:-$root/target/loom}"
 start=$(date +%s)
 cargo test -p pagepool-loom-tests --release -- "$@"
-cargo test -p pagepool --lib --release -- percpu  # in-crate models (src/percpu/loom_models.rs)
+# In-crate models: src/percpu/loom_models.rs and src/slab/loom_models.rs.
+cargo test -p pagepool --lib --release -- percpu slab
 echo "loom: all models passed in $(( $(date +%s) - start )) s (LOOM_MAX_PREEMPTIONS=$LOOM_MAX_PREEMPTIONS)"

@@ -35,6 +35,8 @@
 //! ```text
 //!  front      PagePool, Block, LocalCache, PoolAlloc, Allocator impls   (the ways in)
 //!    |
+//!  slab       small objects for PoolAlloc: size classes, slabs carved from pool blocks,
+//!    |        per-CPU object caches, CPU heaps, remote frees, idle release
 //!  pool       PoolCore: shard choice, balancing, frees to the owner, capture waits,
 //!    |        stats, the consistency audit
 //!  policy     hint (free page hinting: signal, passes)   capture (waiting requests)
@@ -44,6 +46,7 @@
 //!  frame_table  16 bytes of out-of-band metadata per 4 KiB frame
 //!    |
 //!  config, error   settings as plain data, typed errors
+//!  percpu     per-CPU stacks on restartable sequences (per-CPU block caches, slab)
 //!  os         mapping, madvise, machine facts, process memory,     sync (std or loom)
 //!             memory pressure events (PSI, cgroup files)
 //! ```
@@ -61,6 +64,11 @@
 //! - `policy::capture`: the queue of waiting requests and the hand-off protocol.
 //! - `pool`: [`PagePool`]'s core, without threads or reference counts, so it can live in a
 //!   `static`.
+//! - `slab`: the small-object allocator behind [`PoolAlloc`]: 79 size classes up to 32 KiB
+//!   in slabs (pool blocks of one class and one owner CPU, metadata out of band), a
+//!   lock-free per-CPU cache per class on restartable sequences, frees from other CPUs
+//!   through one lock-free queue per CPU heap, and the pool's client interface, so the
+//!   hinter drains idle caches and the fork handlers hold the heaps' locks.
 //! - `front`: [`PagePool`] and [`Block`], [`LocalCache`], [`PoolAlloc`], and (feature
 //!   `allocator-api2`, on by default) `allocator_api2::Allocator` for both.
 //! - `sync` is the only module that names `std::sync` or `loom`, so `--cfg loom` swaps every
@@ -116,6 +124,8 @@ mod percpu;
 mod policy;
 mod pool;
 mod shard;
+#[cfg_attr(loom, allow(dead_code))] // the global allocator, its user, is not built under loom
+mod slab;
 mod sync;
 
 pub use config::{
@@ -125,7 +135,10 @@ pub use config::{
 pub use error::{AllocError, BuildError, FreeError};
 pub use front::alloc_async::AllocAsync;
 #[cfg(not(loom))]
-pub use front::global::{DEFAULT_MIN_POOL_SIZE, GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats};
+pub use front::global::{
+    DEFAULT_MIN_POOL_SIZE, DIRECT_MAP_MIN, GLOBAL_HINT_MIN_ORDER, GLOBAL_MAX_ORDER, PoolAlloc,
+    PoolAllocStats,
+};
 pub use front::guard::{BlockGuard, OwnedBlock};
 pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};
 pub use front::{Block, PagePool};

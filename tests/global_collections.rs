@@ -17,7 +17,7 @@ trait Shape: Send {
 
 struct Rect(u64, u64);
 struct Square(u64);
-/// A shape with a page-sized payload, so the box itself is a pool block.
+/// A shape with a page-sized payload (an 8 KiB slab object).
 struct Blob(Box<[u64; 1024]>);
 
 impl Shape for Rect {
@@ -41,7 +41,7 @@ impl Shape for Blob {
         self.0.iter().sum()
     }
     fn name(&self) -> String {
-        "blob".repeat(600) // 2400 bytes: pool-sized
+        "blob".repeat(600) // 2400 bytes
     }
 }
 
@@ -151,25 +151,31 @@ fn collections_across_threads() {
     }
     let stats = GLOBAL.stats();
     assert!(stats.pool_ready, "{stats}");
-    assert!(stats.pool_allocs > 10_000, "{stats}");
+    // Small objects come from slabs, page-sized ones from the pool, larger ones from
+    // mappings of their own; vectors move from one to the next as they grow.
+    assert!(stats.slab_refills > 1_000, "{stats}");
+    assert!(stats.pool_allocs > 50, "{stats}");
     assert!(stats.grown_in_place > 0, "{stats}");
-    assert!(stats.moved_to_pool > 0, "{stats}");
-    assert!(
-        stats.too_large > 0 || stats.moved_to_fallback > 0,
-        "{stats}"
+    assert!(stats.moved_within_pool > 0, "{stats}");
+    assert!(stats.moved_out_of_pool > 0, "{stats}");
+    assert_eq!(
+        stats.nested + stats.exhausted,
+        0,
+        "nothing went to the fallback: {stats}"
     );
     GLOBAL.check_consistency().expect("pool books balance");
 }
 
 #[test]
-fn big_vectors_live_in_the_pool_small_ones_do_not() {
+fn small_and_big_vectors_live_in_the_pool_huge_ones_in_mappings() {
     let big = vec![1u8; 1 << 20];
     #[allow(clippy::useless_vec)] // the point is a (small) heap allocation
     let small = vec![1u8; 100];
-    let huge = vec![1u8; 64 << 20]; // above the largest block: the fallback's
+    let huge = vec![1u8; 64 << 20]; // above the largest block: a mapping of its own
     assert!(GLOBAL.contains(big.as_ptr()));
-    assert!(!GLOBAL.contains(small.as_ptr()));
+    assert!(GLOBAL.contains(small.as_ptr()));
     assert!(!GLOBAL.contains(huge.as_ptr()));
+    assert!(GLOBAL.stats().huge_mappings >= 1);
     assert_eq!(big.iter().map(|&b| b as usize).sum::<usize>(), 1 << 20);
     assert_eq!(huge.iter().map(|&b| b as usize).sum::<usize>(), 64 << 20);
 }

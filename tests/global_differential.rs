@@ -18,6 +18,14 @@
 //! consistency and must hold no allocated bytes; the adapter's allocation and free counts
 //! must match. `PAGEPOOL_DIFF_OPS` sets the operations per thread and seed (default 800),
 //! `PAGEPOOL_DIFF_SEEDS` the number of seeds (default 4).
+//!
+//! Four adapters: `ROUTED` sends requests below 2 KiB to the system allocator
+//! (`min_pool_size`), so allocations move between the fallback and the pool; `ALL_POOL`
+//! serves everything, with hinting during the run; `SMALL` sees only small objects (up to
+//! 8 KiB, alignments up to 4 KiB), many handed between threads, so slab caches, spills,
+//! refills and remote frees dominate; `HUGE` sees sizes up to 48 MiB and alignments up to
+//! 16 MiB, so direct mappings are made, resized with `mremap` (into aligned reservations
+//! for large alignments) and moved in and out of the pool.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
@@ -29,19 +37,29 @@ use pagepool::{HintMode, PoolAlloc, PoolBuilder};
 /// Largest pool block: order 8, 1 MiB.
 const MAX_ORDER: u8 = 8;
 const BLOCK_MAX: usize = 4096 << MAX_ORDER;
-/// Sizes go up to three largest blocks, so some requests go to the fallback.
+/// Sizes go up to three largest blocks, so some requests are mapped directly.
 const MAX_SIZE: usize = 3 * BLOCK_MAX;
 const THREADS: usize = 4;
 /// Live allocations per thread before frees are forced.
 const LIVE_CAP: usize = 24;
 
-/// The default routing: below 2 KiB to the system allocator, the rest to a 32 MiB pool
-/// (small enough to run out now and then, so the exhausted path is taken too).
+/// Below 2 KiB to the system allocator, the rest to a 32 MiB pool (small enough to run
+/// out now and then, so the exhausted path is taken too).
 static ROUTED: PoolAlloc =
-    PoolAlloc::with_config(PoolBuilder::new().capacity(32 << 20).max_order(MAX_ORDER));
+    PoolAlloc::with_config(PoolBuilder::new().capacity(32 << 20).max_order(MAX_ORDER))
+        .min_pool_size(2 << 10);
 
-/// Every request to the pool (`min_pool_size(1)`), hinting with `MADV_DONTNEED` driven by
-/// `hint_now` during the run, so `alloc_zeroed` also gets known-zero blocks.
+/// Every request to the pool (`min_pool_size(1)`, the default), hinting with
+/// `MADV_DONTNEED` driven by `hint_now` during the run, so `alloc_zeroed` also gets
+/// known-zero blocks.
+/// Small objects only.
+static SMALL: PoolAlloc =
+    PoolAlloc::with_config(PoolBuilder::new().capacity(64 << 20).max_order(MAX_ORDER));
+
+/// Large requests: 4 MiB blocks, sizes up to 48 MiB.
+static HUGE: PoolAlloc =
+    PoolAlloc::with_config(PoolBuilder::new().capacity(256 << 20).max_order(10));
+
 static ALL_POOL: PoolAlloc = PoolAlloc::with_config(
     PoolBuilder::new()
         .capacity(32 << 20)
@@ -75,9 +93,9 @@ impl Rng {
         let u = (self.next() >> 11) as f64 / (1u64 << 53) as f64;
         ((((hi + 1) as f64).ln() * u).exp() as usize).clamp(1, hi)
     }
-    /// A power of two from 1 to `BLOCK_MAX`: mostly small, sometimes up to a whole block.
-    fn align(&mut self) -> usize {
-        let max_shift = BLOCK_MAX.trailing_zeros() as usize;
+    /// A power of two from 1 to `max`: mostly small, sometimes up to `max`.
+    fn align(&mut self, max: usize) -> usize {
+        let max_shift = max.trailing_zeros() as usize;
         if self.below(10) < 7 {
             1 << self.below(5)
         } else {
@@ -219,6 +237,31 @@ struct World<'a> {
     ranges: Ranges,
     /// Whether thread 0 calls `hint_now` now and then.
     hint: bool,
+    /// The largest size and alignment requested.
+    max_size: usize,
+    max_align: usize,
+    /// Whether each thread is pinned to a CPU of its own (so objects handed over are freed
+    /// on another CPU than the one that made them).
+    pin: bool,
+}
+
+/// Pins the calling thread to the `n`th CPU it may run on (round robin); returns how many
+/// there are.
+fn pin_to(n: usize) -> usize {
+    // SAFETY: plain libc calls on zeroed cpu_set_t values of our own.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return 1;
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &allowed))
+            .collect();
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus[n % cpus.len()], &mut set);
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+        cpus.len()
+    }
 }
 
 impl World<'_> {
@@ -233,8 +276,8 @@ impl World<'_> {
     }
 
     fn alloc(&self, rng: &mut Rng, id: u64) -> Live {
-        let size = rng.log_uniform(MAX_SIZE);
-        let align = rng.align();
+        let size = rng.log_uniform(self.max_size);
+        let align = rng.align(self.max_align);
         let layout = Layout::from_size_align(size, align).unwrap();
         let zeroed = rng.below(3) == 0;
         // SAFETY: non-zero size, valid alignment.
@@ -271,9 +314,10 @@ impl World<'_> {
     fn realloc(&self, rng: &mut Rng, l: &mut Live) {
         self.verify(l, "before realloc");
         let old = l.layout.size();
-        let new_size = match rng.below(3) {
-            0 => rng.log_uniform(MAX_SIZE),
-            1 => (old * (2 + rng.below(3))).min(MAX_SIZE),
+        let new_size = match rng.below(4) {
+            0 => rng.log_uniform(self.max_size),
+            1 => (old * (2 + rng.below(3))).min(self.max_size),
+            2 => (old + rng.below(old / 8 + 1)).min(self.max_size), // in place, often
             _ => (old / (2 + rng.below(3))).max(1),
         };
         release(&self.ranges, l.ptr, l.id);
@@ -340,6 +384,9 @@ fn worker(
     inbox: &Receiver<Live>,
     barrier: &Barrier,
 ) {
+    if world.pin {
+        pin_to(t);
+    }
     let mut rng = Rng::new(seed << 8 | t as u64);
     let mut live: Vec<Live> = Vec::new();
     let mut next_id = 0u64;
@@ -384,12 +431,27 @@ fn worker(
 }
 
 fn run(pool: &'static PoolAlloc, hint: bool) {
-    let ops = env_or("PAGEPOOL_DIFF_OPS", 800);
+    run_with(pool, hint, MAX_SIZE, BLOCK_MAX, 1, false);
+}
+
+/// `ops_divisor` scales the operations down for expensive size ranges.
+fn run_with(
+    pool: &'static PoolAlloc,
+    hint: bool,
+    max_size: usize,
+    max_align: usize,
+    ops_divisor: usize,
+    pin: bool,
+) {
+    let ops = env_or("PAGEPOOL_DIFF_OPS", 800) / ops_divisor;
     let seeds = env_or("PAGEPOOL_DIFF_SEEDS", 4) as u64;
     let world = World {
         pool,
         ranges: Mutex::new(BTreeMap::new()),
         hint,
+        max_size,
+        max_align,
+        pin,
     };
     let baseline = pool.pool_stats().map_or(0, |s| s.allocated_bytes);
     for seed in 1..=seeds {
@@ -405,6 +467,8 @@ fn run(pool: &'static PoolAlloc, hint: bool) {
             world.ranges.lock().unwrap().is_empty(),
             "seed {seed}: all freed"
         );
+        // Every cache (per-CPU object caches, the pool's block caches) gives back first.
+        pool.drain_caches();
         pool.check_consistency()
             .unwrap_or_else(|e| panic!("seed {seed}: pool inconsistent: {e}"));
         let stats = pool.pool_stats().expect("the pool was built");
@@ -421,26 +485,35 @@ fn run(pool: &'static PoolAlloc, hint: bool) {
     let a = pool.stats();
     eprintln!("{a}");
     assert_eq!(a.pool_allocs, a.pool_frees, "every pool allocation freed");
-    assert!(a.pool_allocs > 0, "the pool served requests");
+    assert_eq!(a.slab_live_objects, 0, "every small object freed");
+    assert_eq!(a.huge_mappings, 0, "every mapping unmapped");
+}
+
+/// The checks of the adapters that see every size range.
+fn saw_every_path(a: &pagepool::PoolAllocStats) {
+    assert!(a.pool_allocs > 0, "the pool served page blocks: {a}");
+    assert!(a.slab_refills > 0, "slabs served small objects: {a}");
     assert!(
         a.too_large > 0,
-        "requests above the largest block went to the fallback"
+        "requests above the largest block were mapped: {a}"
     );
     assert!(
         a.grown_in_place + a.shrunk_in_place > 0,
-        "some reallocs resized in place"
+        "some reallocs resized in place: {a}"
     );
     assert!(
-        a.moved_within_pool + a.moved_to_pool + a.moved_to_fallback > 0,
-        "some reallocs moved"
+        a.moved_within_pool + a.moved_to_pool + a.moved_to_fallback + a.moved_out_of_pool > 0,
+        "some reallocs moved: {a}"
     );
 }
 
 #[test]
 fn routed_adapter_matches_system() {
     run(&ROUTED, false);
+    let a = ROUTED.stats();
+    saw_every_path(&a);
     assert!(
-        ROUTED.stats().moved_to_pool > 0,
+        a.moved_to_pool > 0,
         "small fallback allocations grew into the pool"
     );
 }
@@ -448,6 +521,29 @@ fn routed_adapter_matches_system() {
 #[test]
 fn all_pool_adapter_matches_system_with_hinting() {
     run(&ALL_POOL, true);
+    saw_every_path(&ALL_POOL.stats());
     let s = ALL_POOL.pool_stats().expect("built");
     assert!(s.hint.blocks_hinted_total > 0, "hint_now gave blocks back");
+}
+
+#[test]
+fn small_objects_match_system() {
+    run_with(&SMALL, false, 8 << 10, 4096, 1, true);
+    let a = SMALL.stats();
+    assert!(a.slab_refills > 0 && a.slab_spills > 0, "{a}");
+    if std::thread::spawn(|| pin_to(0)).join().unwrap() > 1 {
+        assert!(a.remote_frees > 0, "objects handed between CPUs: {a}");
+    }
+    assert_eq!(a.too_large + a.nested + a.exhausted, 0, "{a}");
+}
+
+#[test]
+fn huge_reallocs_match_system() {
+    run_with(&HUGE, false, 48 << 20, 16 << 20, 8, false);
+    let a = HUGE.stats();
+    assert!(
+        a.too_large > 0 && a.huge_remaps > 0,
+        "mappings resized with mremap: {a}"
+    );
+    assert!(a.moved_out_of_pool > 0, "blocks grown into mappings: {a}");
 }

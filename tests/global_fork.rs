@@ -30,7 +30,7 @@ fn child_work() -> bool {
         return false;
     }
     drop(vecs);
-    let big = vec![3u8; 4 << 20];
+    let big = vec![3u8; 1 << 20]; // a pool block (above 1 MiB: a mapping of its own)
     if !GLOBAL.contains(big.as_ptr()) || big.iter().any(|&b| b != 3) {
         return false;
     }

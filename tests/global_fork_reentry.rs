@@ -70,8 +70,8 @@ fn a_free_inside_a_fork_handler_is_deferred_not_deadlocked() {
     }
     let after = GLOBAL.stats();
     assert_eq!(after.deferred_frees, before.deferred_frees + 1, "{after}");
-    // The next pool operation frees it.
-    let v = vec![0u8; 8192];
+    // The next page-block operation frees it (small objects take lock-free paths).
+    let v = vec![0u8; 64 << 10];
     assert!(GLOBAL.contains(v.as_ptr()));
     drop(v);
     let s = GLOBAL.stats();

@@ -22,15 +22,16 @@ const LAYERS: &[(&str, u32)] = &[
     ("policy::capture", 6),
     ("policy", 7),
     ("pool", 8),
-    ("front::block", 9),
-    ("front::page_pool", 10),
-    ("front::guard", 11),
-    ("front::alloc_async", 11),
-    ("front::local_cache", 11),
-    ("front::global", 12),
-    ("front::allocator_api", 13),
-    ("front::pressure", 11),
-    ("front", 14),
+    ("slab", 9),
+    ("front::block", 10),
+    ("front::page_pool", 11),
+    ("front::guard", 12),
+    ("front::alloc_async", 12),
+    ("front::local_cache", 12),
+    ("front::pressure", 12),
+    ("front::global", 13),
+    ("front::allocator_api", 14),
+    ("front", 15),
 ];
 
 /// Items at the crate root that every layer may use: constants and size helpers in
@@ -72,6 +73,8 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("PoolAllocStats", "front::global"),
     ("DEFAULT_MIN_POOL_SIZE", "front::global"),
     ("GLOBAL_MAX_ORDER", "front::global"),
+    ("DIRECT_MAP_MIN", "front::global"),
+    ("GLOBAL_HINT_MIN_ORDER", "front::global"),
     ("ProcessMemory", "os"),
     ("minor_faults", "os"),
     ("Advisor", "os"),
@@ -240,5 +243,6 @@ fn the_checker_sees_paths_in_use_groups_and_expressions() {
         vec!["pool::PoolCore", "FRAME_SIZE", "sync::now_ms"]
     );
     assert_eq!(unit_of("policy::hint::pass"), Some(("policy::hint", 6)));
-    assert_eq!(unit_of("front::global::init"), Some(("front::global", 12)));
+    assert_eq!(unit_of("front::global::init"), Some(("front::global", 13)));
+    assert_eq!(unit_of("slab::heap"), Some(("slab", 9)));
 }

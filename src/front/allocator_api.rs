@@ -24,6 +24,14 @@
 //! holds the largest collection, or use `try_reserve`. Zero-sized requests get a dangling,
 //! aligned pointer and no block. `grow` takes the buddies in place when they are free;
 //! `shrink` splits in place.
+//!
+//! # `PoolAlloc` as an allocator
+//! Every request goes through the `GlobalAlloc` paths (so small ones are slab objects,
+//! larger ones page blocks or mappings, see [`PoolAlloc`]), and the returned slice is
+//! exactly the requested size: `deallocate` and the resizes route by address and layout
+//! as `GlobalAlloc` does. `grow`, `grow_zeroed` and `shrink` with an unchanged alignment
+//! are `realloc` (in place where it can be); a changed alignment moves. Zero-sized
+//! requests get a dangling, aligned pointer.
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::{self, NonNull};

@@ -4,11 +4,11 @@
 use std::alloc::GlobalAlloc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use super::reentry::Reentry;
 use super::{PoolAlloc, PoolAllocStats};
 use crate::pool::Stats;
 use crate::pool::registry::registry;
 use crate::pool::release::HintReport;
+use crate::slab::reentry::Reentry;
 
 impl<F: GlobalAlloc> PoolAlloc<F> {
     // --- hinting, stats ----------------------------------------------------------------
@@ -69,24 +69,42 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         }
     }
 
-    /// Merges the shards' small-block caches back into the buddy lists.
+    /// Gives back everything held for reuse, on every CPU: the per-CPU caches of small
+    /// objects go back to their slabs, objects freed to other CPUs are collected, emptied
+    /// slabs go back to the pool, and the shards' small-block caches are merged into the
+    /// buddy lists (so [`hint_now`](Self::hint_now) can then return the memory). The
+    /// hinter thread does the same for what sat idle for the hint delay.
     pub fn drain_caches(&self) {
+        let Some(_inside) = Reentry::enter() else {
+            return; // called from inside the pool (a fork handler): nothing to do now
+        };
+        if let Some(slab) = self.ready_slab() {
+            slab.release(None);
+        }
         if let Some(core) = self.ready_core() {
             core.drain_caches();
         }
     }
 
-    /// The adapter's counters. Cheap and allocation-free.
+    /// The adapter's counters, with the small-object layer's books. Cheap (no lock), and
+    /// allocation-free.
     pub fn stats(&self) -> PoolAllocStats {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let slab = self.ready_slab().map(|s| s.totals()).unwrap_or_default();
         PoolAllocStats {
             pool_ready: self.ready_core().is_some(),
             pool_enabled: self.enabled.load(Ordering::Relaxed),
+            per_cpu_rseq: self
+                .ready_slab()
+                .is_some_and(|s| s.cache_implementation() == crate::percpu::CpuCacheImpl::Rseq),
             pool_allocs: load(&c.pool_allocs),
             pool_frees: load(&c.pool_frees),
             zeroed_without_memset: load(&c.zeroed_free),
             too_large: load(&c.too_large),
+            huge_mappings: load(&c.too_large).saturating_sub(load(&c.huge_unmapped)),
+            huge_bytes: load(&c.huge_bytes),
+            huge_remaps: load(&c.huge_remaps),
             exhausted: load(&c.exhausted),
             nested: load(&c.nested),
             deferred_frees: load(&c.deferred_frees),
@@ -95,6 +113,17 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             moved_within_pool: load(&c.moved_within_pool),
             moved_to_pool: load(&c.moved_to_pool),
             moved_to_fallback: load(&c.moved_to_fallback),
+            moved_out_of_pool: load(&c.moved_out_of_pool),
+            slab_bytes: slab.slab_bytes,
+            slabs: slab.slabs,
+            slab_cached_bytes: slab.cached_bytes,
+            slab_live_objects: slab.live_objects,
+            slab_live_bytes: slab.live_bytes,
+            slab_refills: slab.refills,
+            slab_spills: slab.spills,
+            remote_frees: slab.remote_frees,
+            slabs_made: slab.slabs_made,
+            slabs_released: slab.slabs_released,
         }
     }
 
@@ -105,9 +134,15 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         self.ready_core().map(|core| core.stats())
     }
 
-    /// Checks the pool's lists, frame table and counters against each other; `Ok` before
-    /// the pool is built. Locks every shard while it runs; its own allocations go to the
-    /// fallback. Meant for tests.
+    /// Checks the small-object layer and the pool against each other: the slab map, every
+    /// slab's free list (each free object once, marked free, inside its slab) and lists,
+    /// the CPU heaps' books, that the pool holds each slab's block as allocated; then the
+    /// pool's lists, frame table and counters. `Ok` before the pool is built.
+    ///
+    /// Meant for tests, at a quiescent moment (no allocation or free running on another
+    /// thread): it first gives every cached and queued small object back to its slab (as
+    /// [`drain_caches`](Self::drain_caches) does), and it locks every CPU heap and shard
+    /// while it runs. Its own allocations go to the fallback.
     ///
     /// # Errors
     /// A description of the first inconsistency.
@@ -118,6 +153,9 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         let Some(_guard) = Reentry::enter() else {
             return Ok(());
         };
+        if let Some(slab) = self.ready_slab() {
+            slab.check_consistency()?;
+        }
         core.check_consistency()
     }
 }

@@ -15,13 +15,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use crossbeam_utils::Backoff;
 
 use super::PoolAlloc;
-use super::reentry::Reentry;
 use crate::config::Backing;
 use crate::error::BuildError;
 use crate::os::machine::cpu_count;
 use crate::os::mapping::MetaArray;
 use crate::pool::PoolCore;
+use crate::pool::client::Client;
 use crate::pool::registry::registry;
+use crate::slab::SlabAlloc;
+use crate::slab::reentry::Reentry;
 use crate::sync::process_id;
 
 pub(super) const UNINIT: u64 = 0;
@@ -36,6 +38,16 @@ pub(super) const PANICKED: u64 = 4;
 pub(super) fn phase(state: u64) -> u64 {
     state & 0xff
 }
+
+/// CPUs per shard of the pool under a `PoolAlloc`, unless the builder sets `shards`.
+///
+/// Small objects take the per-CPU caches and CPU heaps, so the shards see only page
+/// blocks and slabs: far fewer requests than a `PagePool` whose every block is a shard
+/// operation. Each shard keeps the memory its CPUs touched for itself, so a shard per CPU
+/// multiplies the resident free memory by the CPU count: measured on the producer/consumer
+/// benchmark (2 CPUs), one shard for both held 21 MiB at its peak against 26 MiB with
+/// two, at the same speed.
+const CPUS_PER_SHARD: usize = 4;
 
 /// What [`PoolAlloc::init`] reports after building the pool panicked.
 static INIT_PANICKED: BuildError = BuildError::Panicked;
@@ -116,7 +128,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     fn initialise(&self) -> Option<&PoolCore> {
         let mut config = self.config.hint_thread(false);
         if config.shards.is_none() {
-            config = config.shards(cpu_count());
+            config = config.shards(cpu_count().div_ceil(CPUS_PER_SHARD));
         }
         let unwind = InitUnwind(&self.state);
         let built = PoolCore::new(&config).and_then(|core| {
@@ -126,16 +138,44 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             })
             .map_err(BuildError::Map)
         });
+        // The small-object layer, in a mapping of its own beside the core's.
+        let built = built.and_then(|home| {
+            let core: *const PoolCore = &home[0];
+            let mut slab = None;
+            // SAFETY: the core lives in `home`, a mapping that is kept (in `self.home`)
+            // until `Drop`, which drops the layer first.
+            let made = unsafe { SlabAlloc::new(&*core, config.backing) }
+                .and_then(|made| {
+                    slab = Some(made);
+                    MetaArray::new(1, Backing::Mmap, false, |_| {
+                        slab.take().expect("one element")
+                    })
+                })
+                .map_err(BuildError::Map)?;
+            Ok((home, made))
+        });
         std::mem::forget(unwind);
         match built {
-            Ok(home) => {
+            Ok((home, slab_home)) => {
                 // SAFETY: we won UNINIT -> INITIALISING, so no other thread reads or writes
-                // `home` until the release stores below.
+                // the homes until the release stores below.
                 let home = unsafe { (*self.home.get()).write(home) };
+                // SAFETY: as above.
+                let slab_home = unsafe { (*self.slab_home.get()).write(slab_home) };
                 let core: &PoolCore = &home[0];
+                let slab: &SlabAlloc = &slab_home[0];
+                // SAFETY (the 'static): the layer lives in its mapping until `Drop`, which
+                // takes the core out of the registry (so neither the hinter nor the fork
+                // handlers call the client any more) before dropping it.
+                let client: &'static dyn Client =
+                    unsafe { std::mem::transmute::<&dyn Client, &'static dyn Client>(slab) };
+                let _attached = core.attach(client);
                 // SAFETY: the mapping keeps the core at this address until `Drop`, which
                 // leaves the registry first.
                 unsafe { registry().join(core) };
+                // The layer first: whoever sees the core also sees the layer.
+                self.slab
+                    .store(slab as *const SlabAlloc as *mut _, Ordering::Release);
                 self.core
                     .store(core as *const PoolCore as *mut _, Ordering::Release);
                 self.state.store(READY, Ordering::Release);
