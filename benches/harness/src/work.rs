@@ -77,17 +77,32 @@ pub fn run_threads<R: Send>(threads: usize, f: impl Fn(usize) -> R + Sync) -> (D
                 let barrier = &barrier;
                 s.spawn(move || {
                     barrier.wait();
-                    f(t)
+                    let start = Instant::now();
+                    let out = f(t);
+                    (start, Instant::now(), out)
                 })
             })
             .collect();
         barrier.wait();
-        let start = Instant::now();
+        // From the first worker's start to the last one's end, as the workers saw them: the
+        // spawning thread may not run again until long after the workers started (more
+        // threads than CPUs), so its own clock would miss their work.
+        let mut first: Option<Instant> = None;
+        let mut last: Option<Instant> = None;
         let out: Vec<R> = handles
             .into_iter()
-            .map(|h| h.join().expect("worker panicked"))
+            .map(|h| {
+                let (start, end, out) = h.join().expect("worker panicked");
+                first = Some(first.map_or(start, |f| f.min(start)));
+                last = Some(last.map_or(end, |l| l.max(end)));
+                out
+            })
             .collect();
-        (start.elapsed(), out)
+        let wall = match (first, last) {
+            (Some(first), Some(last)) => last.saturating_duration_since(first),
+            _ => Duration::ZERO,
+        };
+        (wall, out)
     })
 }
 
