@@ -101,7 +101,11 @@ impl Setup {
             .max_order(3)
             .shards(1)
             .hint_thread(false)
-            .cache_blocks(0);
+            .cache_blocks(0)
+            // The pool's own per-CPU block caches have their models (`percpu`,
+            // `loom-tests`); here they would only multiply the branches of every slab
+            // refill and release past loom's limit.
+            .cpu_cache(crate::CpuCacheMode::Off);
         let core = Box::new(PoolCore::new(&config).expect("a heap-backed pool"));
         // SAFETY: the core is boxed (a stable address) and outlives the layer (`Drop`).
         let slab = unsafe { SlabAlloc::new(&core, Backing::Heap) }.expect("the layer");

@@ -225,6 +225,21 @@ impl PageAlloc for PoolRaw {
 /// pool must not move).
 pub struct PoolAllocPages(pub &'static pagepool::PoolAlloc);
 
+impl PoolAllocPages {
+    /// An adapter over `capacity` bytes with its hinter started, as its docs tell a
+    /// program to do from `main` (without it, idle memory stays resident).
+    fn new(capacity: usize) -> Self {
+        let adapter: &'static pagepool::PoolAlloc =
+            Box::leak(Box::new(pagepool::PoolAlloc::with_config(
+                pagepool::PoolBuilder::new()
+                    .capacity(capacity)
+                    .max_order(pagepool::GLOBAL_MAX_ORDER),
+            )));
+        adapter.start_hinter().expect("PoolAlloc: start the hinter");
+        Self(adapter)
+    }
+}
+
 impl PageAlloc for PoolAllocPages {
     direct_local!();
     type Handle = Raw;
@@ -589,11 +604,7 @@ impl Allocs {
                     .build()
                     .expect("pagepool builds"),
             ),
-            pool_alloc: PoolAllocPages(Box::leak(Box::new(pagepool::PoolAlloc::with_config(
-                pagepool::PoolBuilder::new()
-                    .capacity(capacity)
-                    .max_order(pagepool::GLOBAL_MAX_ORDER),
-            )))),
+            pool_alloc: PoolAllocPages::new(capacity),
             pool_cached: kinds
                 .contains(&Kind::PagepoolCache)
                 .then(|| PoolCached(Box::leak(Box::new(build_pool(capacity, opts))))),
