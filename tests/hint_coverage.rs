@@ -15,13 +15,16 @@ mod common;
 
 use common::{assert_balanced, eventually};
 
-/// Free bytes at or above `min_order` that are resident: unhinted (cached ones included).
+/// Free bytes at or above `min_order` that are resident: unhinted (cached ones included),
+/// and those a hinting pass holds while it advises them (resident until its `madvise`
+/// returns and it puts them back, hinted).
 fn resident_free_at_or_above(s: &Stats, min_order: u8) -> u64 {
     s.orders
         .iter()
         .filter(|o| o.order >= min_order)
         .map(|o| o.unhinted * o.block_size as u64)
-        .sum()
+        .sum::<u64>()
+        + s.in_flight_bytes
 }
 
 /// A pool whose hinter reacts fast: short delay and interval.

@@ -101,7 +101,24 @@ impl PagePool {
     /// reserved by waiting [`alloc_wait`](Self::alloc_wait) requests.
     #[inline]
     pub fn alloc(&self, order: u8) -> Result<Block, AllocError> {
-        self.alloc_block(order, false, None)
+        // The `Result` is built here, in the caller: the cache hit comes back in two
+        // registers (see `alloc_cached_block`) instead of through memory.
+        match self.alloc_cached_block(order) {
+            Some(block) => Ok(block),
+            None => self.alloc_block(order, false, None),
+        }
+    }
+
+    /// The fast path of [`alloc`](Self::alloc): a block from this CPU's cache. Returns an
+    /// `Option<Block>`, which is two words and travels in registers; a `Result<Block,
+    /// AllocError>` is returned through memory, and a caller moving the block on (into a
+    /// `Vec`, a struct) reads it back with one 16-byte load that the CPU cannot forward
+    /// from the callee's two 8-byte stores: about 10 ns of stall per allocation, measured
+    /// on AMD Zen.
+    #[inline(never)]
+    fn alloc_cached_block(&self, order: u8) -> Option<Block> {
+        let (idx, _) = self.core.alloc_cached(order)?;
+        Some(self.block_at(idx, order))
     }
 
     /// Allocates a zeroed block, preferring blocks known to be zero (never touched, or

@@ -188,7 +188,7 @@ impl PoolCore {
     /// when empty. `None`: the cache does not serve this request (the caller allocates
     /// from the shards as usual).
     #[inline]
-    pub(super) fn alloc_cached(&self, order: u8) -> Option<(FrameIdx, FreeClass)> {
+    pub(crate) fn alloc_cached(&self, order: u8) -> Option<(FrameIdx, FreeClass)> {
         if order >= self.cached_orders || self.capture.has_waiters() {
             return None;
         }

@@ -91,6 +91,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     pub fn stats(&self) -> PoolAllocStats {
         let c = &self.counters;
         let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let (pool_allocs, pool_frees) = self.pages.totals();
         let slab = self.ready_slab().map(|s| s.totals()).unwrap_or_default();
         PoolAllocStats {
             pool_ready: self.ready_core().is_some(),
@@ -98,8 +99,8 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             per_cpu_rseq: self
                 .ready_slab()
                 .is_some_and(|s| s.cache_implementation() == crate::percpu::CpuCacheImpl::Rseq),
-            pool_allocs: load(&c.pool_allocs),
-            pool_frees: load(&c.pool_frees),
+            pool_allocs,
+            pool_frees,
             zeroed_without_memset: load(&c.zeroed_free),
             too_large: load(&c.too_large),
             huge_mappings: load(&c.too_large).saturating_sub(load(&c.huge_unmapped)),

@@ -1,14 +1,16 @@
 //! The adapter's own counters and their public snapshot.
 
 use std::fmt;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use crossbeam_utils::CachePadded;
 
 /// Counters of the adapter (relaxed atomics, updated only on paths that take a lock or
-/// make a system call anyway: the small-object fast paths write no shared counter; the
-/// small-object layer keeps its own books per CPU heap).
+/// make a system call anyway; the small-object layer keeps its own books per CPU heap,
+/// and the page-block counts, written on the lock-free per-CPU paths too, are striped:
+/// [`PageCounts`]).
 pub(super) struct Counters {
-    pub(super) pool_allocs: AtomicU64,
-    pub(super) pool_frees: AtomicU64,
     pub(super) zeroed_free: AtomicU64,
     pub(super) too_large: AtomicU64,
     pub(super) huge_unmapped: AtomicU64,
@@ -28,8 +30,6 @@ pub(super) struct Counters {
 impl Counters {
     pub(super) const fn new() -> Self {
         Self {
-            pool_allocs: AtomicU64::new(0),
-            pool_frees: AtomicU64::new(0),
             zeroed_free: AtomicU64::new(0),
             too_large: AtomicU64::new(0),
             huge_unmapped: AtomicU64::new(0),
@@ -46,6 +46,77 @@ impl Counters {
             moved_out_of_pool: AtomicU64::new(0),
         }
     }
+}
+
+/// Stripes of [`PageCounts`]: threads beyond this many share stripes (still exact, only
+/// no longer free of contention).
+const STRIPES: usize = 16;
+
+/// Page blocks served and freed, counted in stripes of their own cache lines, one stripe
+/// per thread (round-robin): a page block comes from a per-CPU cache without a lock, and
+/// one shared counter written by every CPU on every allocation would make its cache line
+/// the point where threads meet (2 MiB allocations on two threads ran at 0.78x the
+/// throughput of one).
+pub(super) struct PageCounts {
+    stripes: [CachePadded<Stripe>; STRIPES],
+}
+
+struct Stripe {
+    allocs: AtomicU64,
+    frees: AtomicU64,
+}
+
+impl PageCounts {
+    pub(super) const fn new() -> Self {
+        Self {
+            stripes: [const {
+                CachePadded::new(Stripe {
+                    allocs: AtomicU64::new(0),
+                    frees: AtomicU64::new(0),
+                })
+            }; STRIPES],
+        }
+    }
+
+    #[inline]
+    pub(super) fn allocated(&self) {
+        bump(&self.stripes[stripe()].allocs);
+    }
+
+    #[inline]
+    pub(super) fn freed(&self) {
+        bump(&self.stripes[stripe()].frees);
+    }
+
+    /// `(allocations, frees)`, summed over the stripes.
+    pub(super) fn totals(&self) -> (u64, u64) {
+        self.stripes.iter().fold((0, 0), |(a, f), s| {
+            (
+                a + s.allocs.load(Ordering::Relaxed),
+                f + s.frees.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+/// The calling thread's stripe, given out round-robin on its first use. A constant
+/// initialiser and no destructor: usable inside `alloc`, and at thread exit.
+#[inline]
+fn stripe() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    }
+    STRIPE
+        .try_with(|s| {
+            let mut at = s.get();
+            if at == usize::MAX {
+                at = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+                s.set(at);
+            }
+            at
+        })
+        .unwrap_or(0)
 }
 
 #[inline]

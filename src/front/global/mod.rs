@@ -71,7 +71,7 @@ use crate::slab::{Found, SlabAlloc, class_for};
 use crate::{FRAME_SIZE, MAX_SUPPORTED_ORDER, block_size, order_for};
 
 pub use counters::PoolAllocStats;
-use counters::{Counters, add, bump};
+use counters::{Counters, PageCounts, add, bump};
 use init::{FAILED, READY, UNINIT, phase};
 
 /// The default of [`PoolAlloc::min_pool_size`]: 1, every request goes to the pool (small
@@ -217,6 +217,7 @@ pub struct PoolAlloc<F: GlobalAlloc = System> {
     /// first word; the next pool operation frees them.
     deferred: AtomicPtr<u8>,
     counters: CachePadded<Counters>,
+    pages: PageCounts,
 }
 
 // SAFETY: `home`, `slab_home` and `error` are written once, by the thread that wins the
@@ -283,6 +284,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             error: UnsafeCell::new(MaybeUninit::uninit()),
             deferred: AtomicPtr::new(ptr::null_mut()),
             counters: CachePadded::new(Counters::new()),
+            pages: PageCounts::new(),
         }
     }
 
@@ -506,7 +508,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
                         unsafe { ptr::write_bytes(ptr, 0, size) };
                     }
                 }
-                bump(&self.counters.pool_allocs);
+                self.pages.allocated();
                 Some(ptr)
             }
             Err(AllocError::Exhausted { .. }) => {
@@ -519,7 +521,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
                             // SAFETY: as above.
                             unsafe { ptr::write_bytes(ptr, 0, size) };
                         }
-                        bump(&self.counters.pool_allocs);
+                        self.pages.allocated();
                         return Some(ptr);
                     }
                 }
@@ -547,7 +549,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             .frame_of(ptr)
             .and_then(|idx| core.free_frame(idx, None));
         match freed {
-            Ok(_) => bump(&self.counters.pool_frees),
+            Ok(_) => self.pages.freed(),
             Err(_) => fatal(
                 b"pagepool: dealloc of a pointer that is not an allocated pool block (double free?)\n",
             ),
