@@ -1,7 +1,7 @@
 //! The adapter's own counters and their public snapshot.
 
-use std::fmt;
 use std::cell::Cell;
+use std::fmt;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use crossbeam_utils::CachePadded;
