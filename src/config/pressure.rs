@@ -249,7 +249,7 @@ impl PressureSource {
         }
         #[cfg(not(any(loom, miri)))]
         {
-            use crate::os::pressure::{cgroup_places, v1_limit, v2_limited};
+            use crate::os::cgroup::{cgroup_places, v1_limit, v2_limited};
             use std::path::Path;
             let places = cgroup_places();
             // The group and its ancestors, up to the hierarchy's mount point.

@@ -7,12 +7,16 @@
 //! - [`machine`]: physical memory and CPU counts.
 //! - [`memory`]: honest process memory figures (`Rss - LazyFree`, minor faults).
 //! - `pressure`: memory pressure events (PSI triggers, cgroup v2 `memory.events`, cgroup v1
-//!   `memory.pressure_level`, `inotify` for tests) as descriptors to `poll`; cgroup
-//!   discovery (not built under loom and Miri).
+//!   `memory.pressure_level`, `inotify` for tests) as descriptors to `poll` (not built
+//!   under loom and Miri).
+//! - `cgroup`: where the process's memory cgroups are, and whether they have a limit (not
+//!   built under loom and Miri).
 //!
 //! May call: `sync` only. Knows nothing of blocks, shards or pools.
 
 pub(crate) mod advice;
+#[cfg(not(any(loom, miri)))]
+pub(crate) mod cgroup;
 pub(crate) mod machine;
 pub(crate) mod mapping;
 pub(crate) mod memory;
