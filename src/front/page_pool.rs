@@ -105,7 +105,7 @@ impl PagePool {
         // registers (see `alloc_cached_block`) instead of through memory.
         match self.alloc_cached_block(order) {
             Some(block) => Ok(block),
-            None => self.alloc_block(order, false, None),
+            None => self.alloc_uncached(order),
         }
     }
 
@@ -119,6 +119,14 @@ impl PagePool {
     fn alloc_cached_block(&self, order: u8) -> Option<Block> {
         let (idx, _) = self.core.alloc_cached(order)?;
         Some(self.block_at(idx, order))
+    }
+
+    /// The rest of [`alloc`](Self::alloc) when the cache had nothing (it already tried to
+    /// refill): the shards.
+    #[cold]
+    fn alloc_uncached(&self, order: u8) -> Result<Block, AllocError> {
+        let (idx, _) = self.core.alloc_from_shards(order, false, None)?;
+        Ok(self.block_at(idx, order))
     }
 
     /// Allocates a zeroed block, preferring blocks known to be zero (never touched, or

@@ -30,7 +30,7 @@ impl PoolCore {
 
     /// Allocates from the shards, without the per-CPU cache.
     #[inline(never)]
-    fn alloc_from_shards(
+    pub(crate) fn alloc_from_shards(
         &self,
         order: u8,
         zero: bool,
