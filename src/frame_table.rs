@@ -24,7 +24,7 @@
 //!
 //! Layer 1. May call: `os`, `sync`.
 
-use crate::sync::{AtomicU32, Ordering::Relaxed};
+use crate::sync::{AtomicU32, AtomicU64, Ordering::Relaxed};
 
 /// Index of a 4 KiB frame from the region's base.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -248,11 +248,15 @@ pub(crate) enum Owner {
     Shard(usize),
 }
 
-/// The frame entries of a region and the owner of each chunk.
+/// The frame entries of a region, the owner of each chunk, and which chunks are vacant.
 pub(crate) struct FrameTable {
     frames: crate::os::mapping::MetaArray<Frame>,
     /// 0 = shared (so a fresh, zeroed table puts every chunk there), i + 1 = shard i.
     owners: crate::os::mapping::MetaArray<AtomicU32>,
+    /// One bit per chunk and class: the chunk is vacant (see `shard::vacant`), free and
+    /// hinted (first map) or known-zero (second map), its entries blank. Written only under
+    /// the shared pool's lock.
+    vacant: crate::os::mapping::MetaArray<AtomicU64>,
 }
 
 impl FrameTable {
@@ -267,6 +271,12 @@ impl FrameTable {
             owners: crate::os::mapping::MetaArray::new(chunks as usize, backing, true, |_| {
                 AtomicU32::new(0)
             })?,
+            vacant: crate::os::mapping::MetaArray::new(
+                2 * (chunks as usize).div_ceil(64),
+                backing,
+                true,
+                |_| AtomicU64::new(0),
+            )?,
         })
     }
 
@@ -304,5 +314,59 @@ impl FrameTable {
             Owner::Shard(i) => i as u32 + 1,
         };
         self.owners[chunk.0 as usize].store(raw, crate::sync::Ordering::Release);
+    }
+
+    // --- vacant chunks (see `shard::vacant`) -------------------------------------------
+
+    /// Words of one class's vacancy map.
+    #[inline]
+    pub(crate) fn vacant_words(&self) -> usize {
+        self.vacant.len() / 2
+    }
+
+    fn vacant_map(class: FreeClass) -> usize {
+        match class {
+            FreeClass::Hinted => 0,
+            FreeClass::Zero => 1,
+            FreeClass::Unhinted => unreachable!("resident chunks are never vacant"),
+        }
+    }
+
+    /// Word `word` of the vacancy map of `class` (hinted or zero).
+    #[inline]
+    pub(crate) fn vacant_word(&self, class: FreeClass, word: usize) -> u64 {
+        self.vacant[Self::vacant_map(class) * self.vacant_words() + word].load(Relaxed)
+    }
+
+    /// Marks `chunk` vacant as `class` (hinted or zero), or not vacant. Called under the
+    /// shared pool's lock.
+    pub(crate) fn set_vacant(&self, chunk: ChunkIdx, class: FreeClass, vacant: bool) {
+        let word =
+            &self.vacant[Self::vacant_map(class) * self.vacant_words() + chunk.0 as usize / 64];
+        let bit = 1u64 << (chunk.0 % 64);
+        let old = word.load(Relaxed);
+        word.store(if vacant { old | bit } else { old & !bit }, Relaxed);
+    }
+
+    /// The class `chunk` is vacant as, if it is.
+    pub(crate) fn vacant_class(&self, chunk: ChunkIdx) -> Option<FreeClass> {
+        let (word, bit) = (chunk.0 as usize / 64, chunk.0 % 64);
+        [FreeClass::Hinted, FreeClass::Zero]
+            .into_iter()
+            .find(|&class| self.vacant_word(class, word) >> bit & 1 != 0)
+    }
+
+    /// Gives the pages holding the entries of frames `from..to` back to the OS (whole
+    /// pages only), so that every entry there reads as a blank interior entry.
+    ///
+    /// # Safety
+    /// Every frame in the range must be interior or a blank head (its entry means nothing
+    /// beyond "not the start of a block"), and nobody may write those entries meanwhile:
+    /// the caller holds the lock of the shard that owns them, and no block there is
+    /// allocated.
+    pub(crate) unsafe fn release_entries(&self, from: FrameIdx, to: FrameIdx) {
+        // SAFETY: an all-zero `Frame` is a blank interior entry (`Frame::new`), which is
+        // what the caller promises the range means; the caller excludes writers.
+        unsafe { self.frames.release_pages(from.0 as usize..to.0 as usize) };
     }
 }

@@ -65,9 +65,9 @@ fn misuse(case: &str) {
                 UNDER_TEST.dealloc(p.add(16), layout(48));
             }
             "slab_tail" => {
-                // 3 KiB objects: a 64 KiB slab holds 21, and 1 KiB is left over at its end.
+                // 3 KiB objects: a 16 KiB slab holds 5, and 1 KiB is left over at its end.
                 let p = UNDER_TEST.alloc(layout(3072));
-                let slab_end = (p as usize | 0xffff) + 1;
+                let slab_end = (p as usize | 0x3fff) + 1;
                 UNDER_TEST.dealloc(p.with_addr(slab_end - 1024), layout(1024));
             }
             "page_double_free" => {

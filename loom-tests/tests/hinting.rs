@@ -136,3 +136,50 @@ fn hinter_returns_a_shared_chunk_to_a_blocked_waiter() {
 fn hinter_returns_a_shared_chunk_to_a_waiter_with_zero_timeout() {
     shared_chunk_returns_to_a_waiter(false);
 }
+
+/// `release_idle` making whole free chunks vacant (their frame entries blanked, see
+/// `shard::vacant`) while one thread frees the last block of a chunk and another takes a
+/// whole chunk: no chunk is lost or handed out twice, a vacant chunk is taken back, and
+/// the counters stay exact.
+#[test]
+fn release_idle_vacates_chunks_while_others_allocate_and_free() {
+    model(|| {
+        let pool = Arc::new(
+            builder(3, 1)
+                .keep_chunks(0)
+                .hint_min_order(0)
+                .build()
+                .unwrap(),
+        );
+        let live = Arc::new(Live::default());
+        // Chunk 0 held whole; chunk 1 held as two halves, one of which is freed now, so the
+        // other's free completes it; chunk 2 free.
+        let a = take(&pool, &live, 0, 1).unwrap();
+        let b = take(&pool, &live, 0, 0).unwrap();
+        let c = take(&pool, &live, 0, 0).unwrap();
+        give(&pool, &live, b);
+        let releaser = {
+            let pool = pool.clone();
+            thread::spawn(move || pool.release_idle())
+        };
+        let freer = give_on_thread(&pool, &live, vec![c]);
+        let d = take(&pool, &live, 1, 1);
+        let report = releaser.join().unwrap();
+        freer.join().unwrap();
+        assert_eq!(report.failures, 0);
+        quiescent(&pool, &live);
+        let d = d.expect("two chunks were free or freed: one is taken");
+        // Every chunk not held comes back, vacant or not.
+        let e = take(&pool, &live, 1, 1).expect("a vacant or listed chunk is taken back");
+        assert!(
+            take(&pool, &live, 0, 0).is_none(),
+            "three chunks, three held"
+        );
+        quiescent(&pool, &live);
+        for block in [a, d, e] {
+            give(&pool, &live, block);
+        }
+        pool.release_idle();
+        all_free(&pool, &live);
+    });
+}

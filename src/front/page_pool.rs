@@ -411,6 +411,10 @@ impl PagePool {
     /// age. For a runtime after a burst, or an operator's "release idle memory now".
     /// Blocks held by [`LocalCache`](crate::LocalCache)s stay there.
     ///
+    /// Whole free chunks (blocks of the largest order) also give back the pages of the
+    /// pool's own metadata that described them (16 bytes per 4 KiB frame): after a burst,
+    /// the process returns to about where it was before it.
+    ///
     /// Under memory pressure it also drops blocks given back earlier with `MADV_FREE`
     /// (they count against a cgroup until the kernel reclaims them).
     ///

@@ -194,6 +194,36 @@ impl<T> MetaArray<T> {
         })
     }
 
+    /// Gives the whole pages inside elements `range` back to the OS with `MADV_DONTNEED`,
+    /// so that they read as zeros again and stop counting as resident. Does nothing on the
+    /// heap backing (under loom and Miri too). A failure is ignored: the pages then stay
+    /// resident with what they held, which the caller accepts either way.
+    ///
+    /// # Safety
+    /// An all-zero `T` must be a valid value that every reader of the range takes to mean
+    /// what the range holds now, and no thread may write to the range during the call.
+    pub(crate) unsafe fn release_pages(&self, range: std::ops::Range<usize>) {
+        #[cfg(not(any(loom, miri)))]
+        if self._map.is_some() && range.start < range.end && range.end <= self.len {
+            // SAFETY: sysconf has no preconditions.
+            let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+            let page = if page > 0 { page as usize } else { 4096 };
+            let base = self.ptr.as_ptr() as usize;
+            let start = (base + range.start * size_of::<T>()).next_multiple_of(page);
+            let end = (base + range.end * size_of::<T>()) / page * page;
+            if start < end {
+                // SAFETY: [start, end) lies inside this array's own mapping; the caller
+                // guarantees that the zeros the range reads afterwards are valid values
+                // meaning what it held, and that nobody writes it meanwhile.
+                unsafe {
+                    libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED)
+                };
+            }
+        }
+        #[cfg(any(loom, miri))]
+        let _ = range;
+    }
+
     #[cfg(not(any(loom, miri)))]
     #[allow(clippy::type_complexity)]
     fn raw(

@@ -24,6 +24,15 @@ impl PoolCore {
         for chunk in 0..seen.first_fresh_chunk {
             let mut idx = ChunkIdx(chunk).head(max);
             let end = idx.plus(1 << max);
+            if let Some(class) = self.table.vacant_class(ChunkIdx(chunk)) {
+                if self.table.frame(idx).get() != (FrameState::Interior, 0) {
+                    return Err(format!(
+                        "vacant chunk {chunk} ({class:?}) has a written head"
+                    ));
+                }
+                walked_free[max as usize] += 1;
+                continue;
+            }
             while idx < end {
                 let (state, order) = self.table.frame(idx).get();
                 use FrameState as S;

@@ -32,7 +32,7 @@ use crossbeam_utils::CachePadded;
 
 use crate::config::{PoolBuilder, Resolved};
 use crate::error::{BuildError, FreeError};
-use crate::frame_table::{FrameIdx, FrameTable, Owner};
+use crate::frame_table::{FrameIdx, FrameTable, FreeClass, Owner};
 use crate::os::advice::{self, Advisor};
 use crate::os::mapping::{MetaArray, Region};
 use crate::policy::capture::CaptureRegistry;
@@ -310,11 +310,16 @@ impl PoolCore {
         for chunk in 0..self.table.chunks() {
             let mut idx = ChunkIdx(chunk).head(max);
             let end = idx.plus(1 << max);
-            if self.table.frame(idx).state() == S::Interior {
-                continue; // never handed out: never touched
+            // A vacant chunk's head is blank; one vacant as hinted may still be resident.
+            let vacant = self.table.vacant_class(ChunkIdx(chunk));
+            if self.table.frame(idx).state() == S::Interior && vacant != Some(FreeClass::Hinted) {
+                continue; // never handed out, or vacant and zero: nothing resident
             }
             while idx < end {
-                let (state, order) = self.table.frame(idx).get();
+                let (state, order) = match vacant {
+                    Some(_) => (S::Hinted, max),
+                    None => self.table.frame(idx).get(),
+                };
                 let resident_free = matches!(state, S::Unhinted | S::Hinted | S::Cached);
                 match (&mut run, resident_free) {
                     (Some((start, len)), true) if *start + *len == idx.0 => *len += 1 << order,

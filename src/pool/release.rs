@@ -176,7 +176,12 @@ impl PoolCore {
         }
         if self.under_pressure.load(Ordering::Relaxed) && self.config.hint.mode == HintMode::Free {
             // Lazily freed memory still counts against a cgroup's limit until the kernel
-            // reclaims it, which is the stall pressure warns of: drop it now.
+            // reclaims it, which is the stall pressure warns of: drop it now (vacant
+            // chunks too, listed again for the pass).
+            let env = self.env();
+            let mut shared = self.shared.lock(&env);
+            shared.restore_vacant(FreeClass::Hinted);
+            self.unlock(shared);
             let lazy = run_pass(
                 self,
                 &PassPlan {
@@ -190,7 +195,24 @@ impl PoolCore {
             );
             released.add(&lazy);
         }
+        self.vacate_free_chunks();
         released
+    }
+
+    /// Every shard gives its hinted and zero whole chunks to the shared pool, which makes
+    /// them vacant and gives back the frame table's pages that held their entries (see
+    /// `shard::vacant`). Returns how many chunks became vacant.
+    pub(crate) fn vacate_free_chunks(&self) -> u32 {
+        let env = self.env();
+        for shard in self.shards.iter() {
+            let mut locked = shard.lock(&env);
+            locked.surrender_free_chunks();
+            self.unlock(locked);
+        }
+        let mut shared = self.shared.lock(&env);
+        let vacated = shared.vacate_free_chunks();
+        self.unlock(shared);
+        vacated
     }
 }
 

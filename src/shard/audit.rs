@@ -116,9 +116,27 @@ impl Locked<'_> {
                 counts.cached[o] = len as u64;
             }
         }
-        // Fresh chunks count as free zero blocks of the top order.
-        counts.free[env.max_order as usize][FreeClass::Zero as usize] +=
-            (lists.fresh_end - lists.fresh_next) as u64;
+        // Fresh chunks count as free zero blocks of the top order, vacant ones as free
+        // blocks of their class.
+        let top = env.max_order as usize;
+        counts.free[top][FreeClass::Zero as usize] += (lists.fresh_end - lists.fresh_next) as u64;
+        for class in [FreeClass::Hinted, FreeClass::Zero] {
+            let count = lists.vacant.count(class);
+            if count != 0 && me != ShardId::Shared {
+                return Err(format!("{me:?}: holds vacant chunks"));
+            }
+            if me == ShardId::Shared {
+                let marked: u32 = (0..table.vacant_words())
+                    .map(|w| table.vacant_word(class, w).count_ones())
+                    .sum();
+                if marked != count {
+                    return Err(format!(
+                        "{me:?}: {count} vacant {class:?} chunks counted, {marked} marked"
+                    ));
+                }
+            }
+            counts.free[top][class as usize] += count as u64;
+        }
         for order in 0..=env.max_order as usize {
             let c = &self.shard.counters[order];
             let listed: u64 = counts.free[order].iter().sum::<u64>() + counts.cached[order];

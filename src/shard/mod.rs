@@ -38,6 +38,7 @@ mod counters;
 mod isolate;
 mod reservation;
 mod resize;
+mod vacant;
 
 pub(crate) use audit::AuditCounts;
 pub(crate) use counters::OrderCounters;
@@ -105,6 +106,8 @@ struct Lists {
     /// Chunks `fresh_next..fresh_end` were never handed out (shared shard only).
     fresh_next: u32,
     fresh_end: u32,
+    /// Whole free chunks whose entries were given back (shared shard only; [`vacant`]).
+    vacant: vacant::Vacant,
     /// Regions whose free pieces wait on the [`RESERVED`] list for a capture request.
     reservations: Reservations,
     /// What happened under the lock that the hinter may care about, not yet reported.
@@ -167,6 +170,7 @@ impl Shard {
                 cached_blocks: 0,
                 fresh_next: 0,
                 fresh_end: fresh_chunks,
+                vacant: vacant::Vacant::default(),
                 reservations: Reservations::default(),
                 news: FreeNews::default(),
             }),
@@ -414,8 +418,10 @@ impl<'a> Locked<'a> {
                 self.unlink(idx, o, class);
                 return Some((idx, o, class));
             }
+            // Vacant chunks before fresh ones: reusing what was used keeps the touched
+            // part of the region (and of the frame table) small.
             let fresh_fits = class == FreeClass::Zero || self.env.policy == AllocPolicy::Fifo;
-            if !(fresh_fits && self.materialize_fresh()) {
+            if !(self.materialize_vacant(class) || fresh_fits && self.materialize_fresh()) {
                 return None;
             }
         }

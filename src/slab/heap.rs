@@ -139,7 +139,7 @@ pub(crate) struct ObjectLinks<'a>(pub(crate) &'a SlabAlloc);
 impl Links for ObjectLinks<'_> {
     unsafe fn write(&self, obj: usize, next: usize) {
         // SAFETY: the caller's guarantee: a free object of the region, at least two words,
-        // 8-byte aligned (every class is a multiple of 8 bytes in a 64 KiB-aligned slab).
+        // 8-byte aligned (every class is a multiple of 8 bytes in a 16 KiB-aligned slab).
         unsafe { self.0.ptr(obj).cast::<usize>().write(next) }
     }
 

@@ -1,12 +1,12 @@
 //! The slab map: out-of-band metadata found by address, never a header in front of an
 //! object.
 //!
-//! The pool's region is cut into 64 KiB *granules* (the smallest slab). Two arrays, mapped
+//! The pool's region is cut into 16 KiB *granules* (the smallest slab). Two arrays, mapped
 //! with `mmap` like the pool's frame table and touched only where slabs live, describe them:
 //!
 //! ```text
 //!  region:   | granule 0 | granule 1 | granule 2 | granule 3 | granule 4 | ...
-//!             \____ slab A (128 KiB) ____/ \ page blocks /  \ slab B ...
+//!             \____ slab A (32 KiB) _____/ \ page blocks /  \ slab B ...
 //!  entries:  | A, back 0 | A, back 1 |     0     |     0     | B, back 0 | ...   4 bytes each
 //!  descs:    | A's desc  |  (unused) |  (unused) |  (unused) | B's desc  | ...  64 bytes each
 //! ```

@@ -19,15 +19,15 @@
 //!  then a spare, then a new slab                    v
 //!    | new slab                              slab free lists (heap lock); an emptied slab
 //!    v                                       goes back to the pool
-//!  PoolCore::alloc_frame (64-256 KiB blocks)
+//!  PoolCore::alloc_frame (16-128 KiB blocks)
 //! ```
 //!
 //! - **Classes** ([`classes`]): 16 to 128 bytes in steps of 8, then 8 classes per doubling
 //!   up to [`SMALL_LIMIT`] (32 KiB), so at most 1/8 of an object above 128 bytes is waste.
-//! - **Slabs**: one pool block (64 KiB and up, aligned to its size) per slab, one class per
+//! - **Slabs**: one pool block (16 KiB and up, aligned to its size) per slab, one class per
 //!   slab, one owner CPU per slab. Objects are carved lazily with a bump pointer: making a
 //!   slab touches none of its memory. Free objects are linked through their first word.
-//! - **Metadata out of band** ([`map`]): a 4-byte entry per 64 KiB granule of the region
+//! - **Metadata out of band** ([`map`]): a 4-byte entry per 16 KiB granule of the region
 //!   (owner, class, offset to the slab's start) and a 64-byte descriptor per slab, in
 //!   `mmap`ed arrays beside the pool's frame table. No object has a header.
 //! - **Per-CPU caches**: a bounded stack of free objects per CPU and class (at most 8 KiB
