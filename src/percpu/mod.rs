@@ -33,13 +33,16 @@
 //! All CPUs' areas are one array of 8-byte words from [`MetaArray`]: with
 //! [`Backing::Mmap`] it is an anonymous mapping that reads as zeros, and all zeros is the
 //! initial state, so nothing is written at construction and a CPU that never runs an
-//! operation never touches its pages (its area is a whole number of pages). Nothing is
+//! operation never touches the pages that hold only its area (an area is a whole number
+//! of pages long; with the skew below, its last 2 KiB share a page with the next CPU's
+//! header, and only its fullest stacks reach them). Nothing is
 //! allocated through the global allocator, so this type can live inside a
 //! `#[global_allocator]`.
 //!
 //! ```text
-//!  words: | CPU 0's area | CPU 1's area | ... | CPU (cpus-1)'s area |
-//!         |<-- stride -->|  stride: a multiple of 128 bytes (Heap) or 4096 (Mmap)
+//!  words: | skew | CPU 0's area | CPU 1's area | ... | CPU (cpus-1)'s area |
+//!                |<-- stride -->|  stride: a multiple of 128 bytes (Heap) or 4096 (Mmap);
+//!                                  skew: 2176 bytes, so headers are not page-aligned
 //!
 //!  one CPU's area, in 8-byte words (k classes):
 //!  0       1        2         3                 k+1        (zeros up to 64 bytes)
@@ -191,6 +194,14 @@ const LINE: usize = 64;
 const CPU_ALIGN: usize = 128;
 /// With Mmap backing, CPU areas are whole pages, so an idle CPU costs no resident memory.
 const PAGE: usize = 4096;
+/// Words before CPU 0's area, so that the areas' headers do not start at a page
+/// boundary: page-aligned blocks are written at their first bytes all the time, and a load
+/// of a header word whose address matches a pending store's in its low 12 bits waits for
+/// that store (4K aliasing: a loop of `PagePool::alloc`, a write to the block's first
+/// byte and `free` of a 4 KiB block took 7.05-7.18 ns with page-aligned headers and
+/// 6.67-7.06 ns with them 2 KiB in, over four runs each). A multiple of [`CPU_ALIGN`], so
+/// that areas stay that far apart from anything else's lines.
+const SKEW_WORDS: usize = 0x880 / WORD;
 /// The most CPUs an instance accepts (Linux's `NR_CPUS` is at most 8192).
 const MAX_CPUS: usize = 1 << 16;
 
@@ -310,8 +321,10 @@ impl PerCpuStacks {
             CpuCacheImpl::Portable => Imp::Portable,
         };
         // All zeros is the initial state: open gates, no activity, empty stacks.
-        let words = MetaArray::new(cpus * stride_words, backing, true, |_| AtomicU64::new(0))?;
-        let base = words.as_ptr() as usize;
+        let words = MetaArray::new(SKEW_WORDS + cpus * stride_words, backing, true, |_| {
+            AtomicU64::new(0)
+        })?;
+        let base = words.as_ptr() as usize + SKEW_WORDS * WORD;
         // Classes' slots follow each other, in class order (`init` runs in index order).
         let mut slots_off = header_end;
         let classes = MetaArray::new(capacities.len(), backing, false, |c| {
@@ -530,7 +543,8 @@ impl PerCpuStacks {
     /// The words of CPU `cpu`'s area.
     #[inline]
     fn area(&self, cpu: usize) -> &[AtomicU64] {
-        &self.words[cpu * self.stride_words..(cpu + 1) * self.stride_words]
+        &self.words
+            [SKEW_WORDS + cpu * self.stride_words..SKEW_WORDS + (cpu + 1) * self.stride_words]
     }
 
     /// Runs `op` on CPU `cpu`'s area under its lock, or returns `busy` when the lock is
@@ -554,7 +568,9 @@ impl PerCpuStacks {
         result
     }
 
-    /// Pop from CPU `cpu`'s stack (portable only).
+    /// Pop from CPU `cpu`'s stack (portable only). Never inlined: it would crowd the
+    /// rseq fast path it shares a `match` with.
+    #[inline(never)]
     fn pop_on(&self, cpu: usize, class: usize) -> Option<u64> {
         let geometry = &self.classes[class];
         self.locked(cpu, None, |area| {
@@ -569,7 +585,8 @@ impl PerCpuStacks {
         })
     }
 
-    /// Push on CPU `cpu`'s stack (portable only).
+    /// Push on CPU `cpu`'s stack (portable only). Never inlined, as `pop_on`.
+    #[inline(never)]
     fn push_on(&self, cpu: usize, class: usize, item: u64) -> Result<(), u64> {
         let geometry = &self.classes[class];
         self.locked(cpu, Err(item), |area| {

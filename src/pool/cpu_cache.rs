@@ -187,7 +187,7 @@ impl PoolCore {
     /// Allocates a block of `order` from this CPU's cache, refilling it from the shards
     /// when empty. `None`: the cache does not serve this request (the caller allocates
     /// from the shards as usual).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alloc_cached(&self, order: u8) -> Option<(FrameIdx, FreeClass)> {
         if order >= self.cached_orders || self.capture.has_waiters() {
             return None;
@@ -205,6 +205,7 @@ impl PoolCore {
     /// An empty stack: takes a batch from the home shard under one lock, keeps the first
     /// block and caches the rest.
     #[cold]
+    #[inline(never)]
     fn refill(&self, cpu: &CpuCaches, order: u8) -> Option<(FrameIdx, FreeClass)> {
         let want = batch(cpu.stacks.capacity(order as usize));
         let mut spare = [0u64; MAX_SLOTS as usize];
