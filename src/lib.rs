@@ -136,8 +136,8 @@ pub use error::{AllocError, BuildError, FreeError};
 pub use front::alloc_async::AllocAsync;
 #[cfg(not(loom))]
 pub use front::global::{
-    DEFAULT_MIN_POOL_SIZE, DIRECT_MAP_MIN, GLOBAL_HINT_MIN_ORDER, GLOBAL_MAX_ORDER, PoolAlloc,
-    PoolAllocStats,
+    DEFAULT_MIN_POOL_SIZE, DIRECT_MAP_MIN, GLOBAL_HINT_MIN_ORDER, GLOBAL_IDLE_HINT_MIN_ORDER,
+    GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats,
 };
 pub use front::guard::{BlockGuard, OwnedBlock};
 pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};

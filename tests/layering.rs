@@ -75,6 +75,7 @@ const REEXPORTS: &[(&str, &str)] = &[
     ("GLOBAL_MAX_ORDER", "front::global"),
     ("DIRECT_MAP_MIN", "front::global"),
     ("GLOBAL_HINT_MIN_ORDER", "front::global"),
+    ("GLOBAL_IDLE_HINT_MIN_ORDER", "front::global"),
     ("ProcessMemory", "os"),
     ("minor_faults", "os"),
     ("Advisor", "os"),

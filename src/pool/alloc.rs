@@ -280,6 +280,28 @@ impl PoolCore {
         self.free_to_shard(idx, order)
     }
 
+    /// Like [`free_frame`](Self::free_frame), straight to the owning shard and as free since
+    /// `since` (ms, `now_ms`): for housekeeping frees of memory the program stopped using
+    /// then (they must not count as activity, nor make the memory look recently used).
+    pub(crate) fn free_frame_idle(
+        &self,
+        idx: FrameIdx,
+        order: u8,
+        since: u32,
+    ) -> Result<(), FreeError> {
+        self.with_owner(idx, |shard| {
+            let actual = shard.allocated_order(idx)?;
+            if actual != order {
+                return Err(FreeError::WrongOrder {
+                    given: order,
+                    actual,
+                });
+            }
+            shard.free_since(idx, actual, since);
+            Ok(())
+        })
+    }
+
     /// Frees to the owning shard, under its lock, checking the block there.
     #[inline(never)]
     fn free_to_shard(&self, idx: FrameIdx, order: Option<u8>) -> Result<u8, FreeError> {

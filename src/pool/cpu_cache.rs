@@ -378,6 +378,20 @@ impl PoolCore {
     }
 }
 
+impl PoolCore {
+    /// Milliseconds since the hinter last saw any CPU use its cache (it looks at every
+    /// pass, see [`release_idle_cpu_caches`](Self::release_idle_cpu_caches)). `None`
+    /// without per-CPU caches, or before any CPU was seen active: activity unknown.
+    pub(crate) fn cpu_caches_quiet_ms(&self, now: u32) -> Option<u32> {
+        let cpu = self.cpu.as_ref()?;
+        let latest = (0..cpu.cpus())
+            .map(|index| cpu.last_active[index].load(Ordering::Relaxed))
+            .filter(|&seen| seen != 0)
+            .reduce(crate::shard::later)?;
+        Some(now.wrapping_sub(latest))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

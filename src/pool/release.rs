@@ -83,6 +83,7 @@ impl PoolCore {
                 from: FreeClass::Unhinted,
             },
         );
+        self.idle_pass(&mut outcome);
         if let Some(limit) = self.config.resident_free_limit {
             let over = self.over_limit(limit as u64);
             if over > 0 {
@@ -96,6 +97,52 @@ impl PoolCore {
             }
         }
         outcome
+    }
+
+    /// Once no CPU has used its cache for the hint delay, also hints the cold free blocks
+    /// between the idle hint order and the hint order (`idle_hint_min_order`); while the
+    /// pool is busy, only schedules the pass that will look again when it could be idle.
+    fn idle_pass(&self, outcome: &mut PassOutcome) {
+        let (low, high) = (
+            self.resolved.idle_hint_min_order,
+            self.resolved.hint_min_order,
+        );
+        if low >= high {
+            return;
+        }
+        let config = &self.config.hint;
+        let cold = cold_ms(config);
+        let Some(quiet) = self.cpu_caches_quiet_ms(crate::sync::now_ms()) else {
+            return;
+        };
+        if quiet < cold {
+            let small_resident = self
+                .all_shards()
+                .any(|s| s.unhinted_at_or_above(low, high - 1) > 0);
+            if small_resident {
+                let wait = cold - quiet;
+                outcome.next_cold_in = Some(outcome.next_cold_in.map_or(wait, |w| w.min(wait)));
+            }
+            return;
+        }
+        let idle = run_pass(
+            self,
+            &PassPlan {
+                cold_ms: Some(cold),
+                budget_bytes: config.pass_bytes as u64,
+                min_order: low,
+                max_order: high - 1,
+                mode: self.hint_mode(),
+                from: FreeClass::Unhinted,
+            },
+        );
+        outcome.blocks += idle.blocks;
+        outcome.bytes += idle.bytes;
+        outcome.failures += idle.failures;
+        outcome.budget_spent |= idle.budget_spent;
+        if let Some(wait) = idle.next_cold_in {
+            outcome.next_cold_in = Some(outcome.next_cold_in.map_or(wait, |w| w.min(wait)));
+        }
     }
 
     /// Bytes of resident free memory above `limit`.

@@ -157,6 +157,11 @@ pub(crate) struct Locked<'a> {
     cpu: usize,
     heap: &'a Heap,
     state: MutexGuard<'a, HeapState>,
+    /// For the idle release: slabs emptied under this lock go straight to the pool's
+    /// shards as free since this time (the CPU's last activity), not through the calling
+    /// CPU's block cache. Housekeeping is not the program's activity, and the memory has
+    /// been unused since then (the pool hints small blocks once it rests).
+    idle_since: Option<u32>,
 }
 
 impl SlabAlloc {
@@ -168,11 +173,18 @@ impl SlabAlloc {
             cpu,
             heap,
             state: heap.state.lock(),
+            idle_since: None,
         }
     }
 }
 
 impl Locked<'_> {
+    /// From now on, slabs emptied under this lock skip the pool's per-CPU caches and go
+    /// back as unused since `since` (see `idle_since`): for the idle release.
+    pub(crate) fn release_as_idle_since(&mut self, since: u32) {
+        self.idle_since = Some(since);
+    }
+
     /// The CPU whose heap this is.
     pub(crate) fn cpu(&self) -> usize {
         self.cpu
@@ -317,19 +329,23 @@ impl Locked<'_> {
             d.since = now_ms();
             self.state.spares[slot] = first as u32 + 1;
         } else {
-            self.release_slab(first, order);
+            self.release_slab(first, order, None);
         }
     }
 
-    /// Gives slab `first`'s block (of `order`) back to the pool.
-    fn release_slab(&mut self, first: usize, order: u8) {
+    /// Gives slab `first`'s block (of `order`) back to the pool; `since`: unused since
+    /// then (an idle spare), else as the lock says.
+    fn release_slab(&mut self, first: usize, order: u8, since: Option<u32>) {
         self.slab.map.clear(first, 1 << (order - SLAB_MIN_ORDER));
         self.desc(first).list = list::NONE;
         let core = self.slab.core();
         let ptr = self.slab.ptr(self.slab.granule_addr(first));
         let freed = core
             .frame_of(ptr)
-            .and_then(|idx| core.free_frame(idx, Some(order)));
+            .and_then(|idx| match since.or(self.idle_since) {
+                Some(since) => core.free_frame_idle(idx, order, since),
+                None => core.free_frame(idx, Some(order)).map(|_| ()),
+            });
         if freed.is_err() {
             fatal(b"pagepool: a slab's block was not allocated in the pool (heap corruption)\n");
         }
@@ -359,7 +375,9 @@ impl Locked<'_> {
                 }
                 _ => {
                     self.state.spares[slot] = 0;
-                    self.release_slab(first, SLAB_MIN_ORDER + slot as u8);
+                    // A spare has been unused since it became one.
+                    let since = self.desc(first).since;
+                    self.release_slab(first, SLAB_MIN_ORDER + slot as u8, Some(since));
                 }
             }
         }

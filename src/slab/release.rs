@@ -39,11 +39,15 @@ impl SlabAlloc {
             if active {
                 heap.last_active.store(now, Ordering::Relaxed);
             }
-            let idle_for = now.wrapping_sub(heap.last_active.load(Ordering::Relaxed));
-            let drain = match idle_ms {
-                None => true,
-                Some(ms) => !active && idle_for >= ms,
+            let last_active = heap.last_active.load(Ordering::Relaxed);
+            let idle_for = now.wrapping_sub(last_active);
+            let (drain, idle_since) = match idle_ms {
+                None => (true, now),
+                Some(ms) if !active && idle_for >= ms => (true, last_active),
+                Some(_) => (false, now),
             };
+            // What this look frees is housekeeping, unused since `idle_since`.
+            locked.release_as_idle_since(idle_since);
             // An empty cache needs no drain (and no `membarrier`); a push racing this
             // look is found by the next pass.
             if drain && self.cached_on(cpu) > 0 {
