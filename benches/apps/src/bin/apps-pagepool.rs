@@ -16,18 +16,6 @@ fn main() {
         A.set_pool_enabled(false);
     }
     A.start_hinter().expect("start the pagepool hinter");
-    if std::env::var_os("DBG").is_some() {
-        std::thread::spawn(|| loop {
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            let s = A.stats();
-            if let Some(p) = A.pool_stats() {
-                let rss = std::fs::read_to_string("/proc/self/statm").unwrap();
-                let rss: u64 = rss.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() * 4;
-                let free_unhinted: u64 = p.orders.iter().map(|o| o.unhinted * o.block_size as u64).sum();
-                eprintln!("rss {rss} KiB slab {} KiB live {} KiB slabcache {} KiB | pool alloc {} KiB cpu_cache {} KiB free_unhinted {} KiB hinted {} KiB", s.slab_bytes>>10, s.slab_live_bytes>>10, s.slab_cached_bytes>>10, p.allocated_bytes>>10, p.cpu_cache_bytes>>10, free_unhinted>>10, p.hinted_bytes>>10);
-            }
-        });
-    }
     pagepool_apps::main("pagepool", &|| {
         let s = A.stats();
         let mut fields: Vec<(&'static str, Value)> = vec![
