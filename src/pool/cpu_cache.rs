@@ -269,6 +269,15 @@ impl PoolCore {
     /// the way out of idle, or, with a resident budget, once per pass.
     #[inline]
     fn note_cached(&self) {
+        // One load on the fast path: a pass is requested already nearly always.
+        if !self.signal.is_requested() {
+            self.note_cached_slow();
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn note_cached_slow(&self) {
         if self.config.resident_free_limit.is_some() {
             self.signal.request_urgent();
         } else {

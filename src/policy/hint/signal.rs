@@ -102,6 +102,12 @@ impl HintSignal {
         }
     }
 
+    /// Whether a pass is requested already (a request now would change nothing).
+    #[inline]
+    pub(crate) fn is_requested(&self) -> bool {
+        self.state.load(Ordering::Relaxed) == REQUESTED
+    }
+
     /// Requests a pass; rings the doorbell only on the transition from idle.
     #[inline]
     pub(crate) fn request(&self) {
