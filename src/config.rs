@@ -260,11 +260,14 @@ impl PoolBuilder {
     /// difference). Giving back small blocks while a program churns costs it refaults and,
     /// with several threads, a TLB shootdown per `madvise`; once it rests, scattered small
     /// free blocks are memory nobody is about to use. Clamped to the hint order. Needs the
-    /// per-CPU caches (which see the activity): with them off it is the hint order.
+    /// per-CPU caches (which see the activity): with them off it is the hint order. What
+    /// counts as activity is what those caches see: a program that allocates only
+    /// through a [`LocalCache`](crate::LocalCache), `alloc_on`, or orders too large to
+    /// cache looks idle to it.
     ///
     /// [`PoolAlloc::new`](crate::PoolAlloc::new) uses 16 KiB (order 2), its smallest slab,
-    /// under a 64 KiB hint order: measured with `examples/slab_fragmentation.rs`, 211 MiB
-    /// resident after 3 s idle with 97 MiB live against 495 MiB with 64 KiB alone, while a
+    /// under a 64 KiB hint order: measured with `examples/slab_fragmentation.rs`, 174-211
+    /// MiB resident after 3 s idle with 97 MiB live against 495 MiB with 64 KiB alone, while a
     /// random mix of 4 KiB-2 MiB blocks on two threads ran at 13.5 million operations per
     /// second when 16 KiB blocks were hinted while it ran, and 32.8 million with 64 KiB.
     pub const fn idle_hint_min_order(mut self, order: u8) -> Self {

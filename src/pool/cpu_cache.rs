@@ -371,11 +371,17 @@ impl PoolCore {
             if cpu.stacks.take_activity(index) || seen.load(Ordering::Relaxed) == 0 {
                 seen.store(now.max(1), Ordering::Relaxed);
             }
+            let since = seen.load(Ordering::Relaxed);
+            let idle_for = now.wrapping_sub(since);
+            if idle_for > idle_ms {
+                // Idle long enough: keep the stamp no older than that, so that ages stay
+                // far from the 24-day horizon of wrapping millisecond stamps (a CPU that
+                // never runs again would otherwise look active once the clock wraps).
+                seen.store(now.wrapping_sub(idle_ms).max(1), Ordering::Relaxed);
+            }
             if cpu.bytes(index) == 0 {
                 continue;
             }
-            let since = seen.load(Ordering::Relaxed);
-            let idle_for = now.wrapping_sub(since);
             if idle_for >= idle_ms {
                 self.drain_cpu(cpu, index, since);
             } else {
@@ -393,11 +399,16 @@ impl PoolCore {
     /// without per-CPU caches, or before any CPU was seen active: activity unknown.
     pub(crate) fn cpu_caches_quiet_ms(&self, now: u32) -> Option<u32> {
         let cpu = self.cpu.as_ref()?;
-        let latest = (0..cpu.cpus())
+        (0..cpu.cpus())
             .map(|index| cpu.last_active[index].load(Ordering::Relaxed))
             .filter(|&seen| seen != 0)
-            .reduce(crate::shard::later)?;
-        Some(now.wrapping_sub(latest))
+            // The youngest age; stamps are kept recent (see `release_idle_cpu_caches`),
+            // and one ahead of `now` (a racing look) means active just now.
+            .map(|seen| match now.wrapping_sub(seen) {
+                age if age > i32::MAX as u32 => 0,
+                age => age,
+            })
+            .min()
     }
 }
 

@@ -574,8 +574,8 @@ impl<'a> Locked<'a> {
     }
 
     /// Puts a free block that became free at `since` (ms, `now_ms`) into the buddy lists,
-    /// merging it with free buddies first. A merged block is as warm as its warmest part:
-    /// it keeps the latest `since` of the two.
+    /// merging it with free buddies first. A merged block is as warm as its warmest
+    /// resident part: it keeps the latest `since` of its unhinted parts.
     pub(crate) fn insert_free(
         &mut self,
         mut idx: FrameIdx,
@@ -594,8 +594,17 @@ impl<'a> Locked<'a> {
                 break;
             }
             self.unlink(buddy, order, buddy_class);
+            // Only resident parts have a meaningful free time (a hinted or zero part was
+            // given back already, or never used: its stamp may be long stale).
+            since = match (class, buddy_class) {
+                (FreeClass::Unhinted, FreeClass::Unhinted) => {
+                    later(since, table.frame(buddy).since())
+                }
+                (FreeClass::Unhinted, _) => since,
+                (_, FreeClass::Unhinted) => table.frame(buddy).since(),
+                _ => later(since, table.frame(buddy).since()),
+            };
             class = class.merge(buddy_class);
-            since = later(since, table.frame(buddy).since());
             let (lower, upper) = if buddy < idx {
                 (buddy, idx)
             } else {

@@ -134,8 +134,21 @@ impl Locked<'_> {
                     != 0
             }
         };
+        let words = table.vacant_words() as u32;
         let mut chunk = 0;
         while chunk < chunks {
+            // Whole words of chunks that are neither vacant nor fresh at once.
+            let word = chunk / 64;
+            if chunk % 64 == 0
+                && word < words
+                && chunk + 64 <= fresh_from
+                && (table.vacant_word(FreeClass::Hinted, word as usize)
+                    | table.vacant_word(FreeClass::Zero, word as usize))
+                    == 0
+            {
+                chunk += 64;
+                continue;
+            }
             if !blank(chunk) {
                 chunk += 1;
                 continue;

@@ -39,11 +39,12 @@ impl SlabAlloc {
             if active {
                 heap.last_active.store(now, Ordering::Relaxed);
             }
-            let last_active = heap.last_active.load(Ordering::Relaxed);
-            let idle_for = now.wrapping_sub(last_active);
+            let idle_for = now.wrapping_sub(heap.last_active.load(Ordering::Relaxed));
             let (drain, idle_since) = match idle_ms {
                 None => (true, now),
-                Some(ms) if !active && idle_for >= ms => (true, last_active),
+                // Idle since `idle_for` ago, but no older than the delay counts (a heap
+                // whose activity was never seen has no meaningful stamp).
+                Some(ms) if !active && idle_for >= ms => (true, now.wrapping_sub(ms)),
                 Some(_) => (false, now),
             };
             // What this look frees is housekeeping, unused since `idle_since`.

@@ -103,7 +103,7 @@ pub const GLOBAL_HINT_MIN_ORDER: u8 = 4;
 /// rests ([`PoolBuilder::idle_hint_min_order`]): order 2, 16 KiB, the smallest slab.
 ///
 /// Measured with `examples/slab_fragmentation.rs` (1 GB of small objects, 90 % freed,
-/// churn, 3 s idle, 97 MiB still live): `Rss - LazyFree` 211 MiB with 16 KiB blocks
+/// churn, 3 s idle, 97 MiB still live): `Rss - LazyFree` 174-211 MiB with 16 KiB blocks
 /// hinted at rest, 173-190 MiB hinting them all the time, 495 MiB with 64 KiB the
 /// smallest. Hinting 16 KiB blocks all the time cost a random mix of 4 KiB-2 MiB blocks
 /// on two threads 60 % of its throughput (refaults, and a TLB shootdown per `madvise`).
