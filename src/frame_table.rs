@@ -324,7 +324,8 @@ impl FrameTable {
         self.vacant.len() / 2
     }
 
-    fn vacant_map(class: FreeClass) -> usize {
+    /// Which vacancy map (and per-class count) `class` uses: hinted 0, zero 1.
+    pub(crate) fn vacant_map(class: FreeClass) -> usize {
         match class {
             FreeClass::Hinted => 0,
             FreeClass::Zero => 1,
@@ -346,6 +347,12 @@ impl FrameTable {
         let bit = 1u64 << (chunk.0 % 64);
         let old = word.load(Relaxed);
         word.store(if vacant { old | bit } else { old & !bit }, Relaxed);
+    }
+
+    /// Word `word` of both vacancy maps together: the chunks vacant as any class.
+    #[inline]
+    pub(crate) fn vacant_any_word(&self, word: usize) -> u64 {
+        self.vacant_word(FreeClass::Hinted, word) | self.vacant_word(FreeClass::Zero, word)
     }
 
     /// The class `chunk` is vacant as, if it is.

@@ -189,7 +189,7 @@ fn serve(registry: &'static Registry, generation: u64) {
             let cached_warm_in = core.release_idle_caches(Some(cold_ms(&config)));
             let mut outcome = core.regular_pass();
             if let Some(wait) = cached_warm_in {
-                outcome.next_cold_in = Some(outcome.next_cold_in.map_or(wait, |w| w.min(wait)));
+                outcome.come_back_within(wait);
             }
             outcome
         }));

@@ -120,8 +120,7 @@ impl PoolCore {
                 .all_shards()
                 .any(|s| s.unhinted_at_or_above(low, high - 1) > 0);
             if small_resident {
-                let wait = cold - quiet;
-                outcome.next_cold_in = Some(outcome.next_cold_in.map_or(wait, |w| w.min(wait)));
+                outcome.come_back_within(cold - quiet);
             }
             return;
         }
@@ -136,13 +135,7 @@ impl PoolCore {
                 from: FreeClass::Unhinted,
             },
         );
-        outcome.blocks += idle.blocks;
-        outcome.bytes += idle.bytes;
-        outcome.failures += idle.failures;
-        outcome.budget_spent |= idle.budget_spent;
-        if let Some(wait) = idle.next_cold_in {
-            outcome.next_cold_in = Some(outcome.next_cold_in.map_or(wait, |w| w.min(wait)));
-        }
+        outcome.absorb(&idle);
     }
 
     /// Bytes of resident free memory above `limit`.

@@ -22,18 +22,14 @@
 use super::counters::{DEC, bump};
 use super::{Locked, NIL, ShardId};
 use crate::config::AllocPolicy;
-use crate::frame_table::{ChunkIdx, FrameIdx, FrameState, FreeClass};
+use crate::frame_table::{ChunkIdx, FrameIdx, FrameState, FrameTable, FreeClass};
 
 /// The classes a chunk can be vacant as, in the order of the vacancy maps.
 static VACANT_CLASSES: [FreeClass; 2] = [FreeClass::Hinted, FreeClass::Zero];
 
-/// Index of a vacant class in the shard's per-class counts.
+/// Index of a vacant class in the shard's per-class counts (the frame table's map's).
 fn slot(class: FreeClass) -> usize {
-    match class {
-        FreeClass::Hinted => 0,
-        FreeClass::Zero => 1,
-        FreeClass::Unhinted => unreachable!("resident chunks are never vacant"),
-    }
+    FrameTable::vacant_map(class)
 }
 
 /// The shared pool's vacant chunks, per class: how many, and the first vacancy-map word
@@ -125,14 +121,8 @@ impl Locked<'_> {
         let chunks = table.chunks();
         let fresh_from = self.lists.fresh_next;
         let blank = |chunk: u32| {
-            chunk >= fresh_from || {
-                let (word, bit) = (chunk as usize / 64, chunk % 64);
-                (table.vacant_word(FreeClass::Hinted, word)
-                    | table.vacant_word(FreeClass::Zero, word))
-                    >> bit
-                    & 1
-                    != 0
-            }
+            chunk >= fresh_from
+                || table.vacant_any_word(chunk as usize / 64) >> (chunk % 64) & 1 != 0
         };
         let words = table.vacant_words() as u32;
         let mut chunk = 0;
@@ -142,9 +132,7 @@ impl Locked<'_> {
             if chunk % 64 == 0
                 && word < words
                 && chunk + 64 <= fresh_from
-                && (table.vacant_word(FreeClass::Hinted, word as usize)
-                    | table.vacant_word(FreeClass::Zero, word as usize))
-                    == 0
+                && table.vacant_any_word(word as usize) == 0
             {
                 chunk += 64;
                 continue;

@@ -33,6 +33,24 @@ pub(crate) struct PassOutcome {
     pub(crate) next_cold_in: Option<u32>,
 }
 
+impl PassOutcome {
+    /// Asks for the next pass within `wait` ms at the latest.
+    pub(crate) fn come_back_within(&mut self, wait: u32) {
+        self.next_cold_in = Some(self.next_cold_in.map_or(wait, |w| w.min(wait)));
+    }
+
+    /// Adds what another pass of the same round did.
+    pub(crate) fn absorb(&mut self, other: &PassOutcome) {
+        self.blocks += other.blocks;
+        self.bytes += other.bytes;
+        self.failures += other.failures;
+        self.budget_spent |= other.budget_spent;
+        if let Some(wait) = other.next_cold_in {
+            self.come_back_within(wait);
+        }
+    }
+}
+
 /// What one pass takes and how it advises the kernel.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct PassPlan {
