@@ -236,6 +236,11 @@ impl PoolCore {
             released.add(&lazy);
         }
         self.vacate_free_chunks();
+        if released.bytes > 0 && self.config.hint.mode == HintMode::Free {
+            // What was just lazily freed shows as `LazyFree` at once, not after the
+            // kernel's per-CPU batch happens to drain.
+            self.advisor.settle_lazy_free();
+        }
         released
     }
 
