@@ -390,35 +390,42 @@ fn worker(
     let mut rng = Rng::new(seed << 8 | t as u64);
     let mut live: Vec<Live> = Vec::new();
     let mut next_id = 0u64;
-    for op in 0..ops {
-        // Adopt what other threads handed over; check it at once.
-        while let Ok(l) = inbox.try_recv() {
-            world.verify(&l, "handed over");
-            live.push(l);
+    // A failed check must fail the test, not leave the other threads waiting at the
+    // barrier for ever: meet them there first, then fail.
+    let churned = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for op in 0..ops {
+            // Adopt what other threads handed over; check it at once.
+            while let Ok(l) = inbox.try_recv() {
+                world.verify(&l, "handed over");
+                live.push(l);
+            }
+            if world.hint && t == 0 && op % 64 == 0 {
+                world.pool.hint_now();
+            }
+            let r = rng.below(100);
+            if live.is_empty() || (r < 40 && live.len() < LIVE_CAP) {
+                let id = seed << 40 | (t as u64) << 32 | next_id;
+                next_id += 1;
+                let l = world.alloc(&mut rng, id);
+                live.push(l);
+            } else if r < 65 {
+                let k = rng.below(live.len());
+                world.realloc(&mut rng, &mut live[k]);
+            } else if r < 88 {
+                let k = rng.below(live.len());
+                world.dealloc(live.swap_remove(k));
+            } else {
+                let k = rng.below(live.len());
+                let to = (t + 1 + rng.below(THREADS - 1)) % THREADS;
+                outboxes[to].send(live.swap_remove(k)).unwrap();
+            }
         }
-        if world.hint && t == 0 && op % 64 == 0 {
-            world.pool.hint_now();
-        }
-        let r = rng.below(100);
-        if live.is_empty() || (r < 40 && live.len() < LIVE_CAP) {
-            let id = seed << 40 | (t as u64) << 32 | next_id;
-            next_id += 1;
-            let l = world.alloc(&mut rng, id);
-            live.push(l);
-        } else if r < 65 {
-            let k = rng.below(live.len());
-            world.realloc(&mut rng, &mut live[k]);
-        } else if r < 88 {
-            let k = rng.below(live.len());
-            world.dealloc(live.swap_remove(k));
-        } else {
-            let k = rng.below(live.len());
-            let to = (t + 1 + rng.below(THREADS - 1)) % THREADS;
-            outboxes[to].send(live.swap_remove(k)).unwrap();
-        }
-    }
+    }));
     // Everything sent was sent before this point; then adopt the rest and free it all.
     barrier.wait();
+    if let Err(panic) = churned {
+        std::panic::resume_unwind(panic);
+    }
     while let Ok(l) = inbox.try_recv() {
         world.verify(&l, "handed over");
         live.push(l);
