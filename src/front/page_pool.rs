@@ -418,6 +418,10 @@ impl PagePool {
     /// Under memory pressure it also drops blocks given back earlier with `MADV_FREE`
     /// (they count against a cgroup until the kernel reclaims them).
     ///
+    /// Linux marks lazily freed pages in per-CPU batches; `release_idle` drains its CPU's
+    /// (with `MADV_COLD` over a page of its own), so everything it gave back shows as
+    /// `LazyFree` in `/proc/self/smaps_rollup` when it returns.
+    ///
     /// Returns what was advised; to see what left the process, compare
     /// [`ProcessMemory`](crate::ProcessMemory) readings.
     pub fn release_idle(&self) -> HintReport {
