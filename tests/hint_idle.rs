@@ -91,15 +91,21 @@ fn small_blocks_are_hinted_once_the_pool_rests() {
     }
 }
 
-#[test]
-fn without_an_idle_order_small_blocks_stay() {
-    let pool = pool(None, CpuCacheMode::Auto);
-    let kept = scattered_small_free(&pool);
-    std::thread::sleep(Duration::from_millis(1000));
-    assert_eq!(small_hinted(&pool), 0, "{}", pool.stats());
+/// Frees scattered small blocks, waits `ms`, checks none of them was hinted, and frees
+/// the rest.
+fn small_blocks_stay_for(pool: &PagePool, ms: u64) {
+    let kept = scattered_small_free(pool);
+    std::thread::sleep(Duration::from_millis(ms));
+    assert_eq!(small_hinted(pool), 0, "{}", pool.stats());
     for block in kept {
         pool.free(block);
     }
+}
+
+#[test]
+fn without_an_idle_order_small_blocks_stay() {
+    let pool = pool(None, CpuCacheMode::Auto);
+    small_blocks_stay_for(&pool, 1000);
     assert_balanced(&pool);
 }
 
@@ -107,20 +113,8 @@ fn without_an_idle_order_small_blocks_stay() {
 /// see the activity) the pool never counts as resting.
 #[test]
 fn the_idle_order_is_clamped_and_needs_the_caches() {
-    let high = pool(Some(12), CpuCacheMode::Auto);
-    let kept = scattered_small_free(&high);
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(small_hinted(&high), 0);
-    for block in kept {
-        high.free(block);
-    }
-
+    small_blocks_stay_for(&pool(Some(12), CpuCacheMode::Auto), 800);
     let off = pool(Some(2), CpuCacheMode::Off);
-    let kept = scattered_small_free(&off);
-    std::thread::sleep(Duration::from_millis(800));
-    assert_eq!(small_hinted(&off), 0, "{}", off.stats());
-    for block in kept {
-        off.free(block);
-    }
+    small_blocks_stay_for(&off, 800);
     assert_balanced(&off);
 }

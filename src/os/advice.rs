@@ -71,9 +71,46 @@ impl Advisor for HeapAdvisor {
 const PIDFD_SELF: libc::c_int = -10000;
 
 impl Advisor for OsAdvisor {
+    /// Linux marks pages lazily freed through a per-CPU batch (`lru_lazyfree`, up to 31
+    /// folios) that it drains only when the batch fills or other LRU work comes along; until
+    /// then the last pages advised still count in `Rss`, not `LazyFree`, and reclaim on
+    /// another CPU cannot take them. `MADV_COLD` drains the calling CPU's batches before it
+    /// walks its range (and never discards data); the range is a page of its own that is
+    /// never touched, so the walk finds nothing and no huge page is split.
     #[cfg(not(any(loom, miri)))]
     fn settle_lazy_free(&self) {
-        self.drain_lazy_free_batch();
+        use std::sync::atomic::AtomicUsize;
+        static PAGE: AtomicUsize = AtomicUsize::new(0);
+        let mut page = PAGE.load(Ordering::Acquire);
+        if page == 0 {
+            // SAFETY: a fresh private anonymous mapping of one inaccessible page; no
+            // existing memory is affected.
+            let fresh = unsafe {
+                libc::mmap(
+                    std::ptr::null_mut(),
+                    PAGE_BYTES,
+                    libc::PROT_NONE,
+                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    -1,
+                    0,
+                )
+            };
+            if fresh == libc::MAP_FAILED {
+                return; // the pages are still lazily freed, only counted a little later
+            }
+            page =
+                match PAGE.compare_exchange(0, fresh as usize, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => fresh as usize,
+                    Err(winner) => {
+                        // SAFETY: our own mapping from above, never published.
+                        unsafe { libc::munmap(fresh, PAGE_BYTES) };
+                        winner
+                    }
+                };
+        }
+        // SAFETY: `page` is our own one-page mapping, kept for the life of the process.
+        unsafe { libc::madvise(page as *mut libc::c_void, PAGE_BYTES, libc::MADV_COLD) };
     }
 
     #[cfg(any(loom, miri))]
@@ -152,50 +189,6 @@ impl OsAdvisor {
             done += 1;
         }
         calls
-    }
-}
-
-#[cfg(not(any(loom, miri)))]
-impl OsAdvisor {
-    /// Linux marks pages lazily freed through a per-CPU batch (`lru_lazyfree`, up to 31
-    /// folios) that it drains only when the batch fills or other LRU work comes along; until
-    /// then the last pages advised still count in `Rss`, not `LazyFree`, and reclaim on
-    /// another CPU cannot take them. `MADV_COLD` drains the calling CPU's batches before it
-    /// walks its range (and never discards data); the range is a page of its own that is
-    /// never touched, so the walk finds nothing and no huge page is split.
-    fn drain_lazy_free_batch(&self) {
-        use std::sync::atomic::AtomicUsize;
-        static PAGE: AtomicUsize = AtomicUsize::new(0);
-        let mut page = PAGE.load(Ordering::Acquire);
-        if page == 0 {
-            // SAFETY: a fresh private anonymous mapping of one inaccessible page; no
-            // existing memory is affected.
-            let fresh = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    PAGE_BYTES,
-                    libc::PROT_NONE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            if fresh == libc::MAP_FAILED {
-                return; // the pages are still lazily freed, only counted a little later
-            }
-            page =
-                match PAGE.compare_exchange(0, fresh as usize, Ordering::AcqRel, Ordering::Acquire)
-                {
-                    Ok(_) => fresh as usize,
-                    Err(winner) => {
-                        // SAFETY: our own mapping from above, never published.
-                        unsafe { libc::munmap(fresh, PAGE_BYTES) };
-                        winner
-                    }
-                };
-        }
-        // SAFETY: `page` is our own one-page mapping, kept for the life of the process.
-        unsafe { libc::madvise(page as *mut libc::c_void, PAGE_BYTES, libc::MADV_COLD) };
     }
 }
 

@@ -88,9 +88,7 @@ impl PoolCore {
             let over = self.over_limit(limit as u64);
             if over > 0 {
                 let extra = self.hint_down_to_limit(limit as u64, over);
-                outcome.blocks += extra.blocks;
-                outcome.bytes += extra.bytes;
-                outcome.failures += extra.failures;
+                outcome.add_counts(&extra);
                 // Still over (blocks cannot be given back as fast as they are freed, or
                 // advice failed): come back after the interval.
                 outcome.budget_spent |= self.over_limit(limit as u64) > 0;
@@ -173,13 +171,13 @@ impl PoolCore {
             from: FreeClass::Unhinted,
         };
         let first = run_pass(self, &plan);
-        add(&mut outcome, &first);
+        outcome.add_counts(&first);
         let over = self.over_limit(limit);
         if over > 0 {
             self.release_idle_caches(None);
             self.drain_caches();
             plan.budget_bytes = over;
-            add(&mut outcome, &run_pass(self, &plan));
+            outcome.add_counts(&run_pass(self, &plan));
         }
         outcome
     }
@@ -259,10 +257,4 @@ impl PoolCore {
         self.unlock(shared);
         vacated
     }
-}
-
-fn add(total: &mut PassOutcome, outcome: &PassOutcome) {
-    total.blocks += outcome.blocks;
-    total.bytes += outcome.bytes;
-    total.failures += outcome.failures;
 }

@@ -39,11 +39,16 @@ impl PassOutcome {
         self.next_cold_in = Some(self.next_cold_in.map_or(wait, |w| w.min(wait)));
     }
 
-    /// Adds what another pass of the same round did.
-    pub(crate) fn absorb(&mut self, other: &PassOutcome) {
+    /// Adds the blocks, bytes and failures of another pass (not when to come back).
+    pub(crate) fn add_counts(&mut self, other: &PassOutcome) {
         self.blocks += other.blocks;
         self.bytes += other.bytes;
         self.failures += other.failures;
+    }
+
+    /// Adds what another pass of the same round did, and when it asks to come back.
+    pub(crate) fn absorb(&mut self, other: &PassOutcome) {
+        self.add_counts(other);
         self.budget_spent |= other.budget_spent;
         if let Some(wait) = other.next_cold_in {
             self.come_back_within(wait);
