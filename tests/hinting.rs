@@ -9,7 +9,7 @@ use pagepool::{Advisor, AllocPolicy, Backing, Block, HintMode, PagePool, PoolBui
 
 mod common;
 
-use common::CHUNK;
+use common::{CHUNK, live_threads_named};
 
 /// One shard, no cache, 4 MiB chunks, hint at 2 MiB and up, no thread.
 fn quiet(chunks: usize) -> PoolBuilder {
@@ -366,16 +366,7 @@ fn heap_backing_hints_as_bookkeeping() {
 }
 
 fn hinter_thread_ids() -> Vec<u32> {
-    std::fs::read_dir("/proc/self/task")
-        .map(|dir| {
-            dir.filter_map(|e| {
-                let e = e.ok()?;
-                let comm = std::fs::read_to_string(e.path().join("comm")).ok()?;
-                (comm.trim() == "pagepool-hinter").then(|| e.file_name().to_str()?.parse().ok())?
-            })
-            .collect()
-        })
-        .unwrap_or_default()
+    live_threads_named("pagepool-hinter")
 }
 
 fn thread_cpu_ticks(tid: u32) -> Option<u64> {

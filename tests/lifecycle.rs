@@ -11,7 +11,7 @@ use pagepool::{PagePool, block_size};
 
 mod common;
 
-use common::{assert_balanced, within};
+use common::{assert_balanced, live_threads_named, within};
 
 /// The tests of this file count the process's hinter threads: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -20,16 +20,10 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Threads of this process named `pagepool-hinter`.
+/// Live threads of this process named `pagepool-hinter` (a joined thread lingering in
+/// `/proc` is not counted).
 fn hinter_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
-                .filter(|name| name.trim() == "pagepool-hinter")
-                .count()
-        })
-        .unwrap_or(0)
+    live_threads_named("pagepool-hinter").len()
 }
 
 #[test]
@@ -91,6 +85,11 @@ fn one_thread_serves_every_pool() {
         })
         .collect();
     assert!(pools.iter().all(PagePool::hinter_running));
+    // The thread names itself as it starts.
+    let named = Instant::now();
+    while hinter_threads() == 0 && named.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
     assert_eq!(hinter_threads(), 1);
     // Every pool is served: a freed chunk in each is hinted.
     for pool in &pools {

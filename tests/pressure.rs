@@ -18,7 +18,7 @@ use pagepool::{
 
 mod common;
 
-use common::within;
+use common::{live_threads_named, within};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -29,27 +29,9 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 /// The watcher's thread name as the kernel keeps it (15 bytes).
 const COMM: &str = "pagepool-pressu";
 
-/// `PF_EXITING` in a task's flags (`/proc/<tid>/stat` field 9): set when the thread
-/// starts to exit, before a `join` of it can return.
-const PF_EXITING: u64 = 0x4;
-
-/// Thread ids of this process's live threads named `pagepool-pressure`. A thread that was
-/// joined stays in `/proc` for a moment while the kernel tears it down; it is not counted.
+/// This process's live watcher threads.
 fn watcher_threads() -> Vec<u32> {
-    std::fs::read_dir("/proc/self/task")
-        .map(|tasks| {
-            tasks
-                .filter_map(|t| {
-                    let t = t.ok()?;
-                    let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
-                    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
-                    let flags: u64 = rest.split(' ').nth(6)?.parse().ok()?;
-                    (name == COMM && flags & PF_EXITING == 0)
-                        .then(|| t.file_name().to_str()?.parse().ok())?
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    live_threads_named(COMM)
 }
 
 /// Waits for the watcher thread to be gone (joined threads leave `/proc` a moment after

@@ -137,3 +137,28 @@ pub fn within<T: Send + 'static>(
     rx.recv_timeout(limit)
         .unwrap_or_else(|_| panic!("{what}: still running after {limit:?} (a hang)"))
 }
+
+/// `PF_EXITING` in a task's flags (`/proc/<tid>/stat` field 9): the kernel sets it when a
+/// thread starts to exit, before a `join` of the thread can return.
+const PF_EXITING: u64 = 0x4;
+
+/// Thread ids of this process's live threads whose name (as the kernel keeps it: at most
+/// 15 bytes) is `comm`. A joined thread stays in `/proc` for a moment while the kernel
+/// tears it down; it is not counted. A thread names itself as it starts, so a thread just
+/// spawned may not be counted yet.
+pub fn live_threads_named(comm: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc/self/task")
+        .map(|tasks| {
+            tasks
+                .filter_map(|t| {
+                    let t = t.ok()?;
+                    let stat = std::fs::read_to_string(t.path().join("stat")).ok()?;
+                    let (name, rest) = stat.split_once(" (")?.1.rsplit_once(") ")?;
+                    let flags: u64 = rest.split(' ').nth(6)?.parse().ok()?;
+                    (name == comm && flags & PF_EXITING == 0)
+                        .then(|| t.file_name().to_str()?.parse().ok())?
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
