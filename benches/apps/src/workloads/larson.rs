@@ -1,11 +1,14 @@
 //! Larson-style churn: each thread keeps an array of live objects of random sizes (8 B to
 //! 4 KiB mostly, 2 % up to 512 KiB), replaces random slots again and again, and regularly
-//! hands objects to the next thread, which frees them later. Objects are written only at
-//! both ends, as in the original benchmark.
+//! hands objects to the next thread, which frees them later; a thread that has finished
+//! keeps taking deliveries until all have. Objects are written only at both ends, as in
+//! the original benchmark.
 
 use std::mem::MaybeUninit;
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread;
+use std::time::Duration;
 
 use crate::rng::{Rng, mix};
 use crate::{Output, Params};
@@ -40,15 +43,28 @@ fn size(rng: &mut Rng) -> usize {
 
 const THREADS: usize = 4;
 
+/// Takes the objects other threads handed over, each into a random slot of `live`
+/// (freeing the object it replaces).
+fn receive(mailbox: &Mutex<Vec<Obj>>, live: &mut [Obj], place: &mut Rng) {
+    let inbox = std::mem::take(&mut *mailbox.lock().expect("mailbox"));
+    for o in inbox {
+        check(&o);
+        let slot = place.below(live.len());
+        check(&live[slot]);
+        live[slot] = o;
+    }
+}
+
 /// Churns; the checksum is the sum of all sizes allocated (deterministic per thread).
 pub fn run(p: &Params) -> Output {
     let slots = p.n(6000);
     let iters = p.n(4_000_000);
     let mailboxes: Vec<Mutex<Vec<Obj>>> = (0..THREADS).map(|_| Mutex::new(Vec::new())).collect();
+    let running = AtomicUsize::new(THREADS);
     let results: Vec<(u64, Vec<Obj>)> = thread::scope(|s| {
         let handles: Vec<_> = (0..THREADS)
             .map(|t| {
-                let mailboxes = &mailboxes;
+                let (mailboxes, running) = (&mailboxes, &running);
                 s.spawn(move || {
                     let mut rng = Rng::new(80 + t as u64);
                     // Where received objects go: how many arrive depends on timing, so
@@ -78,14 +94,16 @@ pub fn run(p: &Params) -> Output {
                             drop(old);
                         }
                         if i % 512 == 0 {
-                            let inbox = std::mem::take(&mut *mailboxes[t].lock().expect("mailbox"));
-                            for o in inbox {
-                                check(&o);
-                                let slot = place.below(slots);
-                                check(&live[slot]);
-                                live[slot] = o; // frees the object it replaces
-                            }
+                            receive(&mailboxes[t], &mut live, &mut place);
                         }
+                    }
+                    // Keep taking deliveries until every thread is done: a finished
+                    // thread's mailbox would otherwise grow with the others' lag, and the
+                    // peak would measure the threads' relative speed, not the allocator.
+                    running.fetch_sub(1, Ordering::AcqRel);
+                    while running.load(Ordering::Acquire) > 0 {
+                        receive(&mailboxes[t], &mut live, &mut place);
+                        thread::sleep(Duration::from_micros(200));
                     }
                     (sum, live)
                 })
