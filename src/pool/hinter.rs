@@ -23,7 +23,7 @@ use std::time::Instant;
 use super::PoolCore;
 use super::registry::{Registry, State, Thread};
 use crate::policy::hint::{cold_ms, next_pass};
-use crate::sync::{MutexGuard, Ordering, process_id, spawn_named};
+use crate::sync::{MutexGuard, Ordering, process_id};
 
 impl Registry {
     /// Starts hinting `core`: the thread serves it from now on (spawned if none runs in
@@ -61,7 +61,7 @@ impl Registry {
         let generation = state.generation;
         drop(state);
         // Spawning allocates: never under the registry lock.
-        let spawned = spawn_named("pagepool-hinter", move || serve(self, generation));
+        let spawned = super::background::spawn("pagepool-hinter", move || serve(self, generation));
         let mut state = self.state.lock();
         let result = match spawned {
             Ok(handle) => {

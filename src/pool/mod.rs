@@ -18,7 +18,8 @@
 //! [`hinting`] (the pool as the hinter's target), [`stats`], [`audit`] (the consistency
 //! check, off the hot path), [`registry`] (the process's pools: fork handlers, and the one
 //! [`hinter`] thread that serves them all), [`fork_hold`] (what a pool holds across
-//! `fork`), [`pressure`] (the memory pressure watcher, one thread for the process too).
+//! `fork`), [`pressure`] (the memory pressure watcher, one thread for the process too),
+//! [`background`] (how the global allocator tells those two threads apart).
 //!
 //! Lock order: a shard, then the shared pool; a shard, then the capture queue, then a
 //! request. No code holds two per-CPU shards' locks except the audit, which takes them in
@@ -43,6 +44,7 @@ use crate::{FRAME_SHIFT, FRAME_SIZE};
 
 mod alloc;
 mod audit;
+pub(crate) mod background;
 pub(crate) mod client;
 pub(crate) mod cpu_cache;
 pub(crate) mod evict;

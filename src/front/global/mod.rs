@@ -67,6 +67,7 @@ use crate::error::{AllocError, BuildError};
 use crate::frame_table::FreeClass;
 use crate::os::mapping::MetaArray;
 use crate::pool::PoolCore;
+use crate::pool::background::on_background_thread;
 use crate::slab::reentry;
 use crate::slab::{Found, SlabAlloc, class_for};
 use crate::{FRAME_SIZE, MAX_SUPPORTED_ORDER, block_size, order_for};
@@ -408,6 +409,9 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     /// place refused.
     #[inline(always)]
     fn allocate(&self, layout: Layout, zero: bool) -> *mut u8 {
+        if on_background_thread() {
+            return self.alloc_for_background(layout, zero);
+        }
         let size = layout.size();
         match self.route(size, layout.align()) {
             Route::Small(class) => {
@@ -428,6 +432,17 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
             Route::Page(order) => self.alloc_page(order, layout, zero),
             Route::Huge => self.alloc_huge(layout, zero),
         }
+    }
+
+    /// An allocation of one of the pool's own threads (see `pool::background`): never
+    /// from a per-CPU cache; a mapping above the direct-mapping threshold (a fallback
+    /// pointer is never that large, see the module docs), the fallback otherwise.
+    #[cold]
+    fn alloc_for_background(&self, layout: Layout, zero: bool) -> *mut u8 {
+        if self.is_mapping(layout) {
+            return self.alloc_huge(layout, zero);
+        }
+        self.fallback_alloc(layout, zero)
     }
 
     /// A small object when this CPU's cache is empty (or the pool is not built yet).

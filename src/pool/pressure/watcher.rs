@@ -12,7 +12,7 @@ use crate::config::PressureSource;
 use crate::os::pressure::{EventSource, Waker, poll};
 use crate::pool::PoolCore;
 use crate::pool::registry::{Registry, State, Thread};
-use crate::sync::{MutexGuard, process_id, spawn_named};
+use crate::sync::{MutexGuard, process_id};
 
 /// What makes two requests the same source: the file (device, inode), the kind, and its
 /// parameters.
@@ -230,7 +230,8 @@ impl Registry {
         drop(state);
         drop((spare, left));
         // Spawning allocates: never under the registry lock.
-        let spawned = spawn_named("pagepool-pressure", move || serve(self, generation));
+        let spawned =
+            crate::pool::background::spawn("pagepool-pressure", move || serve(self, generation));
         let mut state = self.state.lock();
         let mut closed = None;
         let result = match spawned {
