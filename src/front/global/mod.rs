@@ -9,7 +9,7 @@
 //! | up to 32 KiB, with an alignment a size class has | a slab object: per-CPU cache, CPU heap, slab (the small-object layer) | its address: in a slab |
 //! | up to the direct-mapping threshold | a pool block of `order_for(size, align)` | its address: in the region, no slab there |
 //! | above the threshold (from [`DIRECT_MAP_MIN`], 1 MiB, rising to the largest block) | its own `mmap`, resized with `mremap` | its layout: above 1 MiB, outside the region |
-//! | from inside the pool (re-entrant), pool exhausted, switched off or not built | the fallback (`System`) | outside the region, layout at most 1 MiB |
+//! | from inside the pool (re-entrant), from the pool's own threads (`pool::background`), pool exhausted, switched off or not built | the fallback (`System`) | outside the region, layout at most 1 MiB |
 //!
 //! A direct mapping is never confused with a fallback allocation: every request needing
 //! more than the direct-mapping floor ([`DIRECT_MAP_MIN`], or the largest block if that is
@@ -122,9 +122,11 @@ pub const GLOBAL_MAX_ORDER: u8 = 13;
 /// adapter) or by mappings of its own: small objects from size-class slabs with per-CPU
 /// caches, page-sized requests from the pool's buddy allocators, requests above the pool's
 /// largest block from `mmap`. A fallback allocator `F` ([`System`] by default) serves only
-/// what the pool must not or cannot: requests made from inside the pool (re-entrant),
-/// requests when the pool is exhausted (after its caches were given back) or switched off,
-/// and everything when the pool could not be built. With the `allocator-api2` feature it
+/// what the pool must not or cannot: requests made from inside the pool (re-entrant) or by
+/// the pool's own threads (the hinter, the pressure watcher: their allocations must not
+/// keep a CPU's cache from looking idle), requests when the pool is exhausted (after its
+/// caches were given back) or switched off, and everything when the pool could not be
+/// built. With the `allocator-api2` feature it
 /// is also an `allocator_api2::alloc::Allocator`.
 ///
 /// ```
