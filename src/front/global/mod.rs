@@ -126,8 +126,8 @@ pub const GLOBAL_MAX_ORDER: u8 = 13;
 /// the pool's own threads (the hinter, the pressure watcher: their allocations must not
 /// keep a CPU's cache from looking idle), requests when the pool is exhausted (after its
 /// caches were given back) or switched off, and everything when the pool could not be
-/// built. With the `allocator-api2` feature it
-/// is also an `allocator_api2::alloc::Allocator`.
+/// built. With the `allocator-api2` feature it is also an
+/// `allocator_api2::alloc::Allocator`.
 ///
 /// ```
 /// use pagepool::PoolAlloc;
