@@ -98,8 +98,10 @@ impl PoolCore {
     }
 
     /// Once no CPU has used its cache for the hint delay, also hints the cold free blocks
-    /// between the idle hint order and the hint order (`idle_hint_min_order`); while the
-    /// pool is busy, only schedules the pass that will look again when it could be idle.
+    /// between the idle hint order and the hint order (`idle_hint_min_order`) and gives
+    /// back the frame table's pages under whole hinted chunks (as `release_idle` does, see
+    /// `shard::vacant`); while the pool is busy, only schedules the pass that will look
+    /// again when it could be idle.
     fn idle_pass(&self, outcome: &mut PassOutcome) {
         let (low, high) = (
             self.resolved.idle_hint_min_order,
@@ -134,6 +136,7 @@ impl PoolCore {
             },
         );
         outcome.absorb(&idle);
+        self.vacate_free_chunks();
     }
 
     /// Bytes of resident free memory above `limit`.
