@@ -9,7 +9,7 @@ mod common;
 use std::sync::Mutex;
 use std::time::Duration;
 
-use common::{MIB, assert_balanced, cached, eventually, quiet};
+use common::{MIB, assert_balanced, cached, eventually, held, quiet};
 use pagepool::{Block, BuildError, CpuCacheMode, HintMode, PagePool, ProcessMemory};
 use proptest::prelude::*;
 
@@ -36,15 +36,6 @@ fn burst(pool: &PagePool, bytes: usize, max: u8) -> Vec<Block> {
         live.push(block);
     }
     live
-}
-
-/// `Rss - LazyFree` now, or `None` (with a note) where `/proc` cannot say.
-fn held() -> Option<u64> {
-    let mem = ProcessMemory::read();
-    if mem.is_none() {
-        eprintln!("skipped: /proc/self/smaps_rollup is not available");
-    }
-    mem.map(|m| m.held())
 }
 
 #[test]

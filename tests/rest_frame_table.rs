@@ -6,18 +6,11 @@
 
 use std::time::{Duration, Instant};
 
-use pagepool::{PagePool, ProcessMemory};
+use pagepool::PagePool;
 
-const MIB: usize = 1 << 20;
+mod common;
 
-/// `Rss - LazyFree` now, or `None` (with a note) where `/proc` cannot say.
-fn held() -> Option<u64> {
-    let mem = ProcessMemory::read();
-    if mem.is_none() {
-        eprintln!("skipped: /proc/self/smaps_rollup is not available");
-    }
-    mem.map(|m| m.held())
-}
+use common::{MIB, held};
 
 #[test]
 fn a_resting_pool_gives_back_the_frame_table_under_its_hinted_chunks() {

@@ -162,3 +162,12 @@ pub fn live_threads_named(comm: &str) -> Vec<u32> {
         })
         .unwrap_or_default()
 }
+
+/// `Rss - LazyFree` of this process now, or `None` (with a note) where `/proc` cannot say.
+pub fn held() -> Option<u64> {
+    let mem = pagepool::ProcessMemory::read();
+    if mem.is_none() {
+        eprintln!("skipped: /proc/self/smaps_rollup is not available");
+    }
+    mem.map(|m| m.held())
+}
