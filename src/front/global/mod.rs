@@ -412,7 +412,8 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     #[inline(always)]
     fn allocate(&self, layout: Layout, zero: bool) -> *mut u8 {
         if on_background_thread() {
-            return self.alloc_for_background(layout, zero);
+            // See `pool::background`: the pool's own threads never take a per-CPU cache.
+            return self.alloc_outside_pool(layout, zero);
         }
         let size = layout.size();
         match self.route(size, layout.align()) {
@@ -436,11 +437,10 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         }
     }
 
-    /// An allocation of one of the pool's own threads (see `pool::background`): never
-    /// from a per-CPU cache; a mapping above the direct-mapping threshold (a fallback
-    /// pointer is never that large, see the module docs), the fallback otherwise.
+    /// An allocation the pool does not serve: a mapping above the direct-mapping floor (a
+    /// fallback pointer is never that large, see the module docs), the fallback otherwise.
     #[cold]
-    fn alloc_for_background(&self, layout: Layout, zero: bool) -> *mut u8 {
+    fn alloc_outside_pool(&self, layout: Layout, zero: bool) -> *mut u8 {
         if self.is_mapping(layout) {
             return self.alloc_huge(layout, zero);
         }
@@ -477,11 +477,7 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         {
             return ptr;
         }
-        if self.is_mapping(layout) {
-            // Not the fallback: see the module docs.
-            return self.alloc_huge(layout, zero);
-        }
-        self.fallback_alloc(layout, zero)
+        self.alloc_outside_pool(layout, zero)
     }
 
     /// A direct mapping.
