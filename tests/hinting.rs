@@ -9,7 +9,7 @@ use pagepool::{Advisor, AllocPolicy, Backing, Block, HintMode, PagePool, PoolBui
 
 mod common;
 
-use common::{CHUNK, live_threads_named};
+use common::{CHUNK, live_threads_named, wait_until};
 
 /// One shard, no cache, 4 MiB chunks, hint at 2 MiB and up, no thread.
 fn quiet(chunks: usize) -> PoolBuilder {
@@ -389,12 +389,12 @@ fn background_thread_hints_cold_blocks_and_stops_cleanly() {
         .build()
         .unwrap();
     assert!(pool.hinter_running());
-    let mut ids = hinter_thread_ids();
-    let named = Instant::now();
-    while ids.is_empty() && named.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(10)); // the thread names itself as it starts
-        ids = hinter_thread_ids();
-    }
+    wait_until(
+        Duration::from_secs(5),
+        "the thread names itself as it starts",
+        || !hinter_thread_ids().is_empty(),
+    );
+    let ids = hinter_thread_ids();
     assert!(!ids.is_empty(), "a thread named pagepool-hinter runs");
     let blocks: Vec<Block> = (0..4).map(|_| pool.alloc(10).unwrap()).collect();
     let freed = Instant::now();

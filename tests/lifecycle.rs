@@ -11,7 +11,7 @@ use pagepool::{PagePool, block_size};
 
 mod common;
 
-use common::{assert_balanced, live_threads_named, within};
+use common::{assert_balanced, live_threads_named, wait_until, within};
 
 /// The tests of this file count the process's hinter threads: one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -85,11 +85,11 @@ fn one_thread_serves_every_pool() {
         })
         .collect();
     assert!(pools.iter().all(PagePool::hinter_running));
-    // The thread names itself as it starts.
-    let named = Instant::now();
-    while hinter_threads() == 0 && named.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until(
+        Duration::from_secs(5),
+        "the thread names itself as it starts",
+        || hinter_threads() > 0,
+    );
     assert_eq!(hinter_threads(), 1);
     // Every pool is served: a freed chunk in each is hinted.
     for pool in &pools {

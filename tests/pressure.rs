@@ -18,7 +18,7 @@ use pagepool::{
 
 mod common;
 
-use common::{live_threads_named, within};
+use common::{live_threads_named, wait_until, within};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -37,18 +37,9 @@ fn watcher_threads() -> Vec<u32> {
 /// Waits for the watcher thread to be gone (joined threads leave `/proc` a moment after
 /// the join returns).
 fn no_watcher_thread() {
-    eventually(Duration::from_secs(10), "the watcher thread's exit", || {
+    wait_until(Duration::from_secs(10), "the watcher thread's exit", || {
         watcher_threads().is_empty()
     });
-}
-
-/// Waits up to `limit` for `done`, failing with `what` after.
-fn eventually(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !done() {
-        assert!(start.elapsed() < limit, "{what}: not after {limit:?}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// A fresh file to write events into, removed on drop.
@@ -147,7 +138,7 @@ fn an_event_releases_free_memory_at_once_and_pressure_ends_after_the_settle_peri
     assert!(pool.watching_pressure());
     assert!(pool.stats().pressure.watching);
     // (The thread names itself once it runs.)
-    eventually(Duration::from_secs(10), "the thread's start", || {
+    wait_until(Duration::from_secs(10), "the thread's start", || {
         watcher_threads().len() == 1
     });
     // Nothing happens without an event.
@@ -156,7 +147,7 @@ fn an_event_releases_free_memory_at_once_and_pressure_ends_after_the_settle_peri
     assert!(!pool.stats().pressure.under_pressure);
 
     file.fire();
-    eventually(Duration::from_secs(10), "the release", || {
+    wait_until(Duration::from_secs(10), "the release", || {
         pool.stats().pressure.events >= 1
     });
     let stats = pool.stats();
@@ -175,7 +166,7 @@ fn an_event_releases_free_memory_at_once_and_pressure_ends_after_the_settle_peri
     println!("{stats}");
 
     // Pressure ends once a settle period passes without an event.
-    eventually(Duration::from_secs(30), "the end of pressure", || {
+    wait_until(Duration::from_secs(30), "the end of pressure", || {
         !pool.stats().pressure.under_pressure
     });
     // Back to MADV_FREE: a block freed and hinted now is hinted, not known-zero.
@@ -214,7 +205,7 @@ fn lazily_freed_memory_is_dropped_under_pressure() {
     pool.watch_pressure(file.source(Duration::from_millis(300)))
         .unwrap();
     file.fire();
-    eventually(Duration::from_secs(10), "the release", || {
+    wait_until(Duration::from_secs(10), "the release", || {
         pool.stats().pressure.events >= 1
     });
     let stats = pool.stats();
@@ -238,7 +229,7 @@ fn every_event_releases_again_and_extends_the_pressure() {
     pool.watch_pressure(file.source(Duration::from_secs(20)))
         .unwrap();
     file.fire();
-    eventually(Duration::from_secs(10), "the first release", || {
+    wait_until(Duration::from_secs(10), "the first release", || {
         pool.stats().pressure.events >= 1
     });
     assert!(pool.stats().pressure.under_pressure);
@@ -247,7 +238,7 @@ fn every_event_releases_again_and_extends_the_pressure() {
     assert!(pool.stats().resident_free_bytes() > 0);
     let events = pool.stats().pressure.events;
     file.fire();
-    eventually(Duration::from_secs(10), "the second release", || {
+    wait_until(Duration::from_secs(10), "the second release", || {
         pool.stats().pressure.events > events
     });
     assert!(pool.stats().pressure.under_pressure);
@@ -259,7 +250,7 @@ fn every_event_releases_again_and_extends_the_pressure() {
     let late = pool_with_free_memory();
     late.watch_pressure(file.source(Duration::from_secs(20)))
         .unwrap();
-    eventually(Duration::from_secs(10), "the late pool's release", || {
+    wait_until(Duration::from_secs(10), "the late pool's release", || {
         late.stats().pressure.events >= 1
     });
     assert_eq!(late.stats().resident_free_bytes(), 0);
@@ -373,7 +364,7 @@ fn pools_watching_the_same_source_share_it() {
     assert_eq!(open_inotify_instances(), 1);
     let ranges = [burst(&a, &[9]), burst(&b, &[9])];
     file.fire();
-    eventually(Duration::from_secs(10), "both releases", || {
+    wait_until(Duration::from_secs(10), "both releases", || {
         a.stats().pressure.events >= 1 && b.stats().pressure.events >= 1
     });
     for (addr, len) in ranges.iter().flatten() {
@@ -386,7 +377,7 @@ fn pools_watching_the_same_source_share_it() {
     assert_eq!(open_inotify_instances(), 2);
     b.watch_pressure(file.source(Duration::from_millis(100)))
         .unwrap();
-    eventually(
+    wait_until(
         Duration::from_secs(10),
         "the unwatched source's close",
         || open_inotify_instances() == 1,
@@ -433,7 +424,7 @@ fn the_thread_costs_no_cpu_while_idle() {
     let pool = pool();
     pool.watch_pressure(file.source(Duration::from_millis(100)))
         .unwrap();
-    eventually(Duration::from_secs(10), "the thread's start", || {
+    wait_until(Duration::from_secs(10), "the thread's start", || {
         watcher_threads().len() == 1
     });
     let tid = watcher_threads()[0];
@@ -524,7 +515,7 @@ fn a_forked_child_has_no_watcher_until_it_asks() {
     );
     // The parent still watches (and heard the child's write too: a shared file).
     assert!(pool.watching_pressure());
-    eventually(Duration::from_secs(10), "the parent's thread", || {
+    wait_until(Duration::from_secs(10), "the parent's thread", || {
         watcher_threads().len() == 1
     });
     pool.unwatch_pressure();

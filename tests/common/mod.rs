@@ -123,6 +123,16 @@ pub fn eventually(
     }
 }
 
+/// Waits up to `limit` for `done`, polling, and fails with `what` after.
+#[track_caller]
+pub fn wait_until(limit: std::time::Duration, what: &str, mut done: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !done() {
+        assert!(start.elapsed() < limit, "{what}: not after {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Runs `f` on a thread and fails the test if it does not finish within `limit` (a hang).
 #[track_caller]
 pub fn within<T: Send + 'static>(
