@@ -49,6 +49,7 @@ flags (defaults in brackets):
   --bulk-frac F        bulk: fraction of the pool [0.5]     --bulk-orders LIST [0,9]
   --fills LIST         random: fill percentages [50,90]
   --max-threads N      scaling: up to N threads [available_parallelism]
+  --pin 0|1            pin worker t to the t-th allowed CPU (scaling, random, repeat) [0]
   --out DIR            where results.md and the SVGs go [bench-out]
   --mem-mib N          memory: bytes per burst [512]       --idle-ms N [4000]
   --reuse-rounds N     memory reuse cycle bursts [4]        --gap-ms N [300]
@@ -635,6 +636,7 @@ fn cmd_scaling(ctx: &mut Ctx, threads: Vec<usize>) {
         "### Workload 5, scaling: throughput in million alloc+free per second (aggregate), threads {threads:?}; speed-up = throughput at {last} / at {first}\n\n"
     ));
     tables(ctx, "Mops/s", &rows, false);
+    scaling_ceiling(ctx, &threads);
     for (name, series) in plots {
         let file = format!(
             "scaling-{}.svg",
@@ -650,6 +652,50 @@ fn cmd_scaling(ctx: &mut Ctx, threads: Vec<usize>) {
         );
         write_out(ctx, &file, &body);
     }
+}
+
+/// The machine's own ceiling for the same thread counts ([`work::ceiling`]): a speed-up
+/// no allocator can beat on this machine, printed beside the allocators' so that a ratio
+/// below the thread count can be told apart from the machine's (shared cores, the
+/// hypervisor, frequency).
+fn scaling_ceiling(ctx: &mut Ctx, threads: &[usize]) {
+    let iters = calibrate(ctx.target, 10_000, 1 << 31, |n| work::ceiling(1, n));
+    let cells: Vec<Cell> = threads
+        .iter()
+        .map(|&t| {
+            let xs: Vec<f64> = (0..ctx.rounds)
+                .map(|_| 1e3 / work::ceiling(t, iters))
+                .collect();
+            Cell::of(&xs).expect("at least one round")
+        })
+        .collect();
+    let first = threads[0];
+    let mut text = format!(
+        "Machine ceiling: the same threads{} running a loop that allocates nothing (a \
+         dependent arithmetic chain about as long as a cached alloc+free, one byte written \
+         per round), median [min-max] of {} rounds:\n\n| threads | million rounds/s | \
+         speed-up vs {first} thr |\n|---|---|---|\n",
+        if work::PIN.load(std::sync::atomic::Ordering::Relaxed) {
+            " (pinned)"
+        } else {
+            ""
+        },
+        ctx.rounds
+    );
+    for (t, c) in threads.iter().zip(&cells) {
+        let _ = writeln!(
+            text,
+            "| {t} | {} [{}–{}] | {} [{}–{}] |",
+            fmt_num(c.med),
+            fmt_num(c.min),
+            fmt_num(c.max),
+            fmt_num(c.med / cells[0].med),
+            fmt_num(c.min / cells[0].max),
+            fmt_num(c.max / cells[0].min),
+        );
+    }
+    text.push('\n');
+    ctx.say(&text);
 }
 
 fn write_out(ctx: &mut Ctx, file: &str, body: &str) {
@@ -1090,6 +1136,10 @@ fn main() {
         md: String::new(),
     };
     let max_threads = args.get("max-threads", nproc());
+    work::PIN.store(
+        args.get("pin", 0u8) == 1,
+        std::sync::atomic::Ordering::Relaxed,
+    );
     let started = Instant::now();
     let cmdline: Vec<String> = std::env::args().collect();
     ctx.say(&format!("<!-- {} -->\n\n", cmdline.join(" ")));

@@ -1,6 +1,7 @@
 //! The timed workloads (repeat, random, bulk, cross-thread, scaling), generic over [`PageAlloc`].
 
 use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -66,6 +67,60 @@ pub fn mix_mean_bytes() -> f64 {
         .sum()
 }
 
+/// Whether workers are pinned, worker `t` to the `t`-th CPU this process may use (modulo
+/// their number): `--pin`. Unpinned is what a program sees; pinned takes the scheduler's
+/// placement and migrations out of a scaling measurement.
+pub static PIN: AtomicBool = AtomicBool::new(false);
+
+/// Pins the calling worker `t` when [`PIN`] is set (best effort: a refused
+/// `sched_setaffinity` leaves it unpinned, with a message).
+pub fn pin_worker(t: usize) {
+    if !PIN.load(Ordering::Relaxed) {
+        return;
+    }
+    // SAFETY: `cpu_set_t` is plain data; both calls get a valid pointer and its size.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return;
+        }
+        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &allowed))
+            .collect();
+        if cpus.is_empty() {
+            return;
+        }
+        let mut one: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpus[t % cpus.len()], &mut one);
+        if libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &one) != 0 {
+            eprintln!("--pin: sched_setaffinity refused; worker {t} runs unpinned");
+        }
+    }
+}
+
+/// The machine's own scaling ceiling: each thread runs `iters` rounds of a dependent
+/// arithmetic chain about as long as a cached alloc+free, writing one byte of a page of
+/// its own per round, and allocates nothing. Returns ns per round, aggregate (wall /
+/// total rounds), measured like [`Repeat`]. Shared cores (SMT siblings), the hypervisor
+/// and frequency changes limit this loop as much as any allocator's.
+pub fn ceiling(threads: usize, iters: usize) -> f64 {
+    let (wall, sums) = run_threads(threads, |t| {
+        let mut page = vec![0u8; 4096];
+        let mut x = Rng::new(t as u64 + 1);
+        let mut acc = 0u64;
+        for i in 0..iters {
+            for _ in 0..6 {
+                acc = acc.wrapping_add(x.next());
+            }
+            page[i & 4095] = acc as u8;
+            std::hint::black_box(&mut page);
+        }
+        acc
+    });
+    std::hint::black_box(sums);
+    wall.as_nanos() as f64 / (iters * threads) as f64
+}
+
 /// Runs `f(thread index)` on `threads` threads released together; returns the wall time
 /// from the release until the last one finished, and the results.
 pub fn run_threads<R: Send>(threads: usize, f: impl Fn(usize) -> R + Sync) -> (Duration, Vec<R>) {
@@ -76,6 +131,7 @@ pub fn run_threads<R: Send>(threads: usize, f: impl Fn(usize) -> R + Sync) -> (D
                 let f = &f;
                 let barrier = &barrier;
                 s.spawn(move || {
+                    pin_worker(t);
                     barrier.wait();
                     let start = Instant::now();
                     let out = f(t);
@@ -215,6 +271,7 @@ impl Job for Random {
                 let barrier = &barrier;
                 let tx = tx.clone();
                 s.spawn(move || {
+                    pin_worker(t);
                     let mut rng = Rng::new(seed ^ ((t as u64 + 1) * 0x51_7CC1_B727_220A));
                     let mut l = a.local();
                     let mut slots: Vec<Option<(A::Handle, u8)>> = Vec::new();
