@@ -389,10 +389,11 @@ impl PoolBuilder {
     }
 
     /// Bytes of free blocks each CPU's cache may hold, all orders together. Default
-    /// [`DEFAULT_CPU_CACHE_BYTES`] (8 MiB): each order below the largest gets one block
-    /// while the budget allows (smallest first), then an equal share of the rest, at most
-    /// 64 blocks per order. A cache idle for `hint_delay` is drained by the hinter, so this
-    /// bounds only what busy CPUs hold. 0 turns the caches off.
+    /// [`DEFAULT_CPU_CACHE_BYTES`] (8 MiB): each order below the largest, up to blocks of
+    /// a quarter of the budget (2 MiB of 8 MiB), gets one block while the budget allows
+    /// (smallest first), then an equal share of the rest, at most 64 blocks per order.
+    /// Larger blocks always go to the shards. A cache idle for `hint_delay` is drained by
+    /// the hinter, so this bounds only what busy CPUs hold. 0 turns the caches off.
     pub const fn cpu_cache_bytes(mut self, bytes: usize) -> Self {
         self.cpu_cache_bytes = bytes;
         self
