@@ -58,8 +58,8 @@ pub(crate) const CACHE_CLASS_BYTES: usize = 8 << 10;
 /// [`CACHE_LARGE_CLASS_BYTES`]: with 8 KiB per class a CPU cached two 4 KiB objects and
 /// one of 8 KiB or more, and a program churning buffers of those sizes took the heap lock
 /// on nearly every other request. Four raised a random 4 KiB-2 MiB mix through `PoolAlloc`
-/// by 20-24 % on one and two threads, with peak and idle memory of the application suite
-/// unchanged (README).
+/// by 15-17 % on one thread and 10-13 % on two, with peak and idle memory of the
+/// application suite unchanged (README).
 pub(crate) const MIN_CACHE: usize = 4;
 /// The bytes [`MIN_CACHE`] objects of a large class may take: 32 KiB (so the 16 KiB
 /// classes cache two objects and the 32 KiB class one).
