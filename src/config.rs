@@ -209,6 +209,12 @@ impl PoolBuilder {
 
     /// The largest block is `4 KiB << max_order`. Default 10 (4 MiB); at most
     /// [`MAX_SUPPORTED_ORDER`]. Each shard owns whole blocks of this size ("chunks").
+    ///
+    /// Blocks of the largest order (whole chunks) never go through the per-CPU caches:
+    /// each one takes a shard lock. A pool that mostly hands out blocks of one size should
+    /// have a larger `max_order` than that size: 2 MiB blocks from a pool of 4 MiB chunks
+    /// come from the caches (about 7 ns for an allocation and free on this project's
+    /// machine), from a pool of 2 MiB chunks from the shards (about 60 ns).
     pub const fn max_order(mut self, order: u8) -> Self {
         self.max_order = order;
         self

@@ -3,6 +3,7 @@
 
 use std::alloc::{GlobalAlloc, Layout};
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
 use pagepool::{AllocPolicy, HintMode, PagePool};
 
@@ -325,6 +326,13 @@ impl Default for PoolOpts {
     }
 }
 
+/// `--pool-shards N`: the shard count of every pagepool the harness builds (0: the
+/// crate's default, one per CPU), so a claim can be measured over configurations.
+pub static POOL_SHARDS: AtomicUsize = AtomicUsize::new(0);
+/// `--pool-max-order N`: the largest order of every pagepool the harness builds (0: the
+/// crate's default).
+pub static POOL_MAX_ORDER: AtomicU8 = AtomicU8::new(0);
+
 /// Builds a pagepool of `capacity` bytes; everything else default unless `opts` says.
 pub fn build_pool(capacity: usize, opts: PoolOpts) -> PagePool {
     pool_builder(capacity, opts)
@@ -334,13 +342,22 @@ pub fn build_pool(capacity: usize, opts: PoolOpts) -> PagePool {
 
 /// The builder of [`build_pool`].
 pub fn pool_builder(capacity: usize, opts: PoolOpts) -> pagepool::PoolBuilder {
-    PagePool::builder()
+    let mut builder = PagePool::builder()
         .capacity(capacity)
         .hint_thread(opts.hinter)
         .hint_mode(opts.mode)
         .policy(opts.policy)
         .capture(opts.capture)
-        .capture_reserve(opts.capture_reserve)
+        .capture_reserve(opts.capture_reserve);
+    match POOL_SHARDS.load(Ordering::Relaxed) {
+        0 => {}
+        shards => builder = builder.shards(shards),
+    }
+    match POOL_MAX_ORDER.load(Ordering::Relaxed) {
+        0 => {}
+        order => builder = builder.max_order(order),
+    }
+    builder
 }
 
 // --- system -----------------------------------------------------------------------------

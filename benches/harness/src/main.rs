@@ -50,6 +50,8 @@ flags (defaults in brackets):
   --fills LIST         random: fill percentages [50,90]
   --max-threads N      scaling: up to N threads [available_parallelism]
   --pin 0|1            pin worker t to the t-th allowed CPU (scaling, random, repeat) [0]
+  --pool-shards N      shards of the pagepool kinds [0: one per CPU]
+  --pool-max-order N   largest order of the pagepool kinds [0: the crate's default]
   --out DIR            where results.md and the SVGs go [bench-out]
   --mem-mib N          memory: bytes per burst [512]       --idle-ms N [4000]
   --reuse-rounds N     memory reuse cycle bursts [4]        --gap-ms N [300]
@@ -1138,6 +1140,14 @@ fn main() {
     let max_threads = args.get("max-threads", nproc());
     work::PIN.store(
         args.get("pin", 0u8) == 1,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    allocs::POOL_SHARDS.store(
+        args.get("pool-shards", 0usize),
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    allocs::POOL_MAX_ORDER.store(
+        args.get("pool-max-order", 0u8),
         std::sync::atomic::Ordering::Relaxed,
     );
     let started = Instant::now();
