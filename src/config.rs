@@ -216,7 +216,7 @@ impl PoolBuilder {
     /// come from the caches (about 7 ns for an allocation and free on this project's
     /// machine), from a pool of 2 MiB chunks from the shards (about 60 ns). Caching whole
     /// chunks too was tried: that case ran at the cached speed, but a random mix of 4 KiB
-    /// to 2 MiB blocks on two threads lost 11 % with two shards and 64 % with one (whole
+    /// to 2 MiB blocks on two threads lost 12 % with two shards and 63 % with one (whole
     /// chunks are what large requests and the shards' exchange of chunks compete for).
     pub const fn max_order(mut self, order: u8) -> Self {
         self.max_order = order;
