@@ -333,10 +333,5 @@ fn migrations_and_drains_keep_every_block_once() {
 
 /// Pins the calling thread to one CPU.
 fn pin(cpu: usize) {
-    // SAFETY: an all-zero cpu_set_t is an empty set; the calls get valid pointers.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-    }
+    common::run_on(&[cpu]);
 }

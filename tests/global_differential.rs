@@ -27,6 +27,8 @@
 //! 16 MiB, so direct mappings are made, resized with `mremap` (into aligned reservations
 //! for large alignments) and moved in and out of the pool.
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::collections::BTreeMap;
 use std::sync::mpsc::{Receiver, Sender, channel};
@@ -248,20 +250,12 @@ struct World<'a> {
 /// Pins the calling thread to the `n`th CPU it may run on (round robin); returns how many
 /// there are.
 fn pin_to(n: usize) -> usize {
-    // SAFETY: plain libc calls on zeroed cpu_set_t values of our own.
-    unsafe {
-        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
-            return 1;
-        }
-        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &allowed))
-            .collect();
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpus[n % cpus.len()], &mut set);
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
-        cpus.len()
+    let cpus = common::allowed_cpus();
+    if cpus.is_empty() {
+        return 1;
     }
+    common::run_on(&[cpus[n % cpus.len()]]);
+    cpus.len()
 }
 
 impl World<'_> {

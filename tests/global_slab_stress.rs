@@ -19,6 +19,8 @@
 //! `PAGEPOOL_STRESS_SECS` sets the run time (default 2 s; a release build does about
 //! ten times the operations).
 
+mod common;
+
 use std::alloc::{GlobalAlloc, Layout};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -180,22 +182,14 @@ impl Rng {
 
 /// Pins the calling thread to one CPU (`cpu` modulo those it may use), or to all.
 fn pin(cpu: Option<usize>) {
-    // SAFETY: plain libc calls on a zeroed cpu_set_t of our own.
-    unsafe {
-        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
-        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
-            return;
-        }
-        let cpus: Vec<usize> = (0..libc::CPU_SETSIZE as usize)
-            .filter(|&c| libc::CPU_ISSET(c, &allowed))
-            .collect();
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        match cpu {
-            Some(c) => libc::CPU_SET(cpus[c % cpus.len()], &mut set),
-            None => cpus.iter().for_each(|&c| libc::CPU_SET(c, &mut set)),
-        }
-        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set);
+    let cpus = common::allowed_cpus();
+    if cpus.is_empty() {
+        return;
     }
+    match cpu {
+        Some(c) => common::run_on(&[cpus[c % cpus.len()]]),
+        None => common::run_on(&cpus),
+    };
 }
 
 fn worker(

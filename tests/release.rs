@@ -310,14 +310,10 @@ fn resident_not_lazy(ranges: &[(usize, usize)]) -> Option<usize> {
 fn release_idle_leaves_no_lazily_freed_page_counted_as_resident() {
     let _serial = serial();
     // The batch is per CPU: stay on one while the test frees and drains.
-    // SAFETY: a zeroed cpu_set_t is valid; we pass its true size and our own thread.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        if cpu >= 0 {
-            let mut set: libc::cpu_set_t = std::mem::zeroed();
-            libc::CPU_SET(cpu as usize, &mut set);
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-        }
+    // SAFETY: sched_getcpu has no preconditions.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if cpu >= 0 {
+        common::run_on(&[cpu as usize]);
     }
     let pool = PagePool::builder()
         .capacity(64 * MIB)

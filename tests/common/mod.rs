@@ -181,3 +181,30 @@ pub fn held() -> Option<u64> {
     }
     mem.map(|m| m.held())
 }
+
+/// The CPUs the calling thread may run on (empty if the kernel will not say).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: an all-zero cpu_set_t is an empty set; the call gets its true size.
+    unsafe {
+        let mut allowed: libc::cpu_set_t = std::mem::zeroed();
+        if libc::sched_getaffinity(0, size_of::<libc::cpu_set_t>(), &mut allowed) != 0 {
+            return Vec::new();
+        }
+        (0..libc::CPU_SETSIZE as usize)
+            .filter(|&c| libc::CPU_ISSET(c, &allowed))
+            .collect()
+    }
+}
+
+/// Lets the calling thread run only on `cpus` (best effort: whether the kernel took it).
+pub fn run_on(cpus: &[usize]) -> bool {
+    // SAFETY: an all-zero cpu_set_t is an empty set; the calls get valid pointers and the
+    // set's true size.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        for &cpu in cpus {
+            libc::CPU_SET(cpu, &mut set);
+        }
+        libc::sched_setaffinity(0, size_of::<libc::cpu_set_t>(), &set) == 0
+    }
+}
