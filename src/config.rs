@@ -269,11 +269,11 @@ impl PoolBuilder {
     /// difference). At rest, such a pool also gives back the pages of its frame table that
     /// only whole hinted chunks use (16 bytes per 4 KiB frame a burst wrote), as
     /// [`release_idle`](crate::PagePool::release_idle) does on demand. Giving back small
-    /// blocks while a program churns costs it refaults and,
-    /// with several threads, a TLB shootdown per `madvise`; once it rests, scattered small
-    /// free blocks are memory nobody is about to use. Clamped to the hint order. Needs the
-    /// per-CPU caches (which see the activity): with them off it is the hint order. What
-    /// counts as activity is what those caches see: a program that allocates only
+    /// blocks while a program churns costs it refaults and, with several threads, a TLB
+    /// shootdown per `madvise`; once it rests, scattered small free blocks are memory
+    /// nobody is about to use. Clamped to the hint order. Needs the per-CPU caches (which
+    /// see the activity): with them off it is the hint order. What counts as activity is
+    /// what those caches see: a program that allocates only
     /// through a [`LocalCache`](crate::LocalCache), `alloc_on`, or orders too large to
     /// cache looks idle to it.
     ///

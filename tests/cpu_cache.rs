@@ -301,7 +301,7 @@ fn migrations_and_drains_keep_every_block_once() {
                             x ^= x >> 7;
                             x ^= x << 17;
                             if i % 500 == 0 {
-                                pin((x as usize) % cpus);
+                                common::run_on(&[(x as usize) % cpus]);
                             }
                             if live.len() < 64 && x & 1 == 0 {
                                 if let Ok(mut b) = pool.alloc((x % 6) as u8) {
@@ -329,9 +329,4 @@ fn migrations_and_drains_keep_every_block_once() {
         });
         assert_all_free(&pool);
     }
-}
-
-/// Pins the calling thread to one CPU.
-fn pin(cpu: usize) {
-    common::run_on(&[cpu]);
 }
