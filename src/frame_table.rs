@@ -195,6 +195,19 @@ impl Frame {
         (FrameState::from_bits(meta), ((meta >> 4) & 0x1f) as u8)
     }
 
+    /// Whether the entry says `state` and `order` (one load, one comparison).
+    #[inline]
+    pub(crate) fn is(&self, state: FrameState, order: u8) -> bool {
+        self.meta.load(Relaxed) == state as u32 | (order as u32) << 4
+    }
+
+    /// The order, if the entry says `state`.
+    #[inline]
+    pub(crate) fn order_if(&self, state: FrameState) -> Option<u8> {
+        let meta = self.meta.load(Relaxed);
+        (meta & 0xf == state as u32).then_some((meta >> 4) as u8)
+    }
+
     #[inline]
     pub(crate) fn set(&self, state: FrameState, order: u8) {
         self.meta.store(state as u32 | (order as u32) << 4, Relaxed);

@@ -199,6 +199,51 @@ fn an_idle_cache_is_drained_and_hinted() {
 }
 
 #[test]
+fn frees_that_find_the_stack_full_fall_back_and_keep_every_block_once() {
+    // One CPU, so every free lands on the same stacks and overflows them.
+    let cpus = common::allowed_cpus();
+    if !common::run_on(&cpus[..1]) {
+        println!("skipping: cannot pin this thread");
+        return;
+    }
+    for mode in modes() {
+        let pool = cached(4, 1)
+            .cpu_cache(mode)
+            .cpu_cache_bytes(64 << 10)
+            .build()
+            .unwrap();
+        for order in [0u8, 1] {
+            let mut blocks: Vec<_> = (0..64).map(|_| pool.alloc(order).unwrap()).collect();
+            for (i, b) in blocks.iter_mut().enumerate() {
+                common::stamp(b, i as u8);
+            }
+            // Alternate the typed and the raw free: both fast paths meet a full stack.
+            for (i, b) in blocks.into_iter().enumerate() {
+                common::verify(&b, i as u8);
+                if i % 2 == 0 {
+                    pool.free(b);
+                } else {
+                    let ptr = b.into_raw();
+                    // SAFETY: from `into_raw` of this pool, freed once.
+                    assert_eq!(unsafe { pool.free_raw(ptr) }, Ok(order));
+                    // SAFETY: the same pointer again: refused, nothing changes.
+                    assert_eq!(unsafe { pool.free_raw(ptr) }, Err(FreeError::AlreadyFree));
+                }
+                let s = assert_balanced(&pool);
+                assert!(s.cpu_cache_bytes <= 64 << 10, "{s}");
+            }
+            let again: Vec<_> = (0..64).map(|_| pool.alloc(order).unwrap()).collect();
+            let mut addrs: Vec<_> = again.iter().map(|b| b.as_ptr() as usize).collect();
+            addrs.sort_unstable();
+            addrs.dedup();
+            assert_eq!(addrs.len(), 64, "a block handed out twice");
+            again.into_iter().for_each(|b| pool.free(b));
+        }
+        assert_all_free(&pool);
+    }
+}
+
+#[test]
 fn raw_frees_are_checked_without_a_lock_and_bad_input_is_still_refused() {
     for mode in modes() {
         let pool = pool(mode, 2);

@@ -117,6 +117,17 @@ impl PagePool {
     /// on AMD Zen.
     #[inline(never)]
     fn alloc_cached_block(&self, order: u8) -> Option<Block> {
+        match self.core.alloc_cached_fast(order) {
+            Some(idx) => Some(self.block_at(idx, order)),
+            None => self.alloc_cached_block_slow(order),
+        }
+    }
+
+    /// [`alloc_cached_block`](Self::alloc_cached_block) past its fast path (an empty
+    /// stack, the portable mode, ...).
+    #[cold]
+    #[inline(never)]
+    fn alloc_cached_block_slow(&self, order: u8) -> Option<Block> {
         let (idx, _) = self.core.alloc_cached(order)?;
         Some(self.block_at(idx, order))
     }
@@ -170,15 +181,34 @@ impl PagePool {
     /// the panic happens before anything is changed.)
     #[inline]
     pub fn free(&self, block: Block) {
-        assert!(
-            block.pool_id() == self.core.id(),
+        // The slow paths take the core, not `self`: one register fewer to keep alive.
+        let core = &*self.core;
+        if block.pool_id() != core.id() {
+            Self::free_foreign(core, block);
+        }
+        // A Block of this pool lies in its region.
+        let idx = core.frame_of_own(block.as_ptr());
+        let order = block.order();
+        if core.free_cached_fast(idx, Some(order)).is_none() {
+            Self::free_uncached(core, idx, order);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn free_foreign(core: &PoolCore, block: Block) -> ! {
+        panic!(
             "pagepool: Block from pool {} freed to pool {}",
             block.pool_id(),
-            self.core.id()
+            core.id()
         );
-        // A Block of this pool lies in its region.
-        let idx = self.core.frame_of_own(block.as_ptr());
-        if let Err(err) = self.core.free_frame(idx, Some(block.order())) {
+    }
+
+    /// [`free`](Self::free) past its fast path (a full stack, the portable mode, ...).
+    #[cold]
+    #[inline(never)]
+    fn free_uncached(core: &PoolCore, idx: FrameIdx, order: u8) {
+        if let Err(err) = core.free_frame_slow(idx, Some(order)) {
             panic!(
                 "pagepool: frame table disagrees with a live Block ({err}); memory was corrupted"
             );

@@ -247,6 +247,9 @@ const _: () = assert!(size_of::<ClassGeometry>() == LINE);
 /// Bounded LIFO stacks of `u64` items, one per CPU and class; see the [module docs](self).
 pub(crate) struct PerCpuStacks {
     imp: Imp,
+    /// With rseq on the C library's areas, where a thread's area is (from its thread
+    /// pointer): the case the fast paths handle, found here with one test.
+    glibc_offset: Option<isize>,
     cpus: usize,
     /// Words from one CPU's area to the next.
     stride_words: usize,
@@ -254,6 +257,39 @@ pub(crate) struct PerCpuStacks {
     classes: MetaArray<ClassGeometry>,
     /// Every CPU's area, back to back.
     words: MetaArray<AtomicU64>,
+}
+
+/// [`PerCpuStacks`]' `pop` and `push` for its common case, with no call inside, so that a
+/// caller inlining them needs no stack frame. They fail where `pop` and `push` fail.
+#[derive(Clone, Copy)]
+pub(crate) struct FastStacks<'a> {
+    glibc_offset: isize,
+    classes: &'a [ClassGeometry],
+}
+
+impl FastStacks<'_> {
+    /// As [`PerCpuStacks::pop`]; also `None` for a class out of range.
+    #[inline(always)]
+    pub(crate) fn pop(self, class: usize) -> Option<u64> {
+        rseq::pop_glibc(self.glibc_offset, self.classes.get(class)?)
+    }
+
+    /// As [`PerCpuStacks::push`]; `false` when it did not push (a class out of range
+    /// included).
+    #[inline(always)]
+    pub(crate) fn push(self, class: usize, item: u64) -> bool {
+        self.classes
+            .get(class)
+            .is_some_and(|geometry| rseq::push_glibc(self.glibc_offset, geometry, item))
+    }
+
+    /// As [`PerCpuStacks::push_if_on`]; `false` when it did not push.
+    #[inline(always)]
+    pub(crate) fn push_if_on(self, class: usize, item: u64, owner: u32) -> bool {
+        self.classes.get(class).is_some_and(|geometry| {
+            rseq::push_if_on_glibc(self.glibc_offset, geometry, item, owner)
+        })
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -339,8 +375,13 @@ impl PerCpuStacks {
             slots_off += geometry.cap * WORD;
             geometry
         })?;
+        let glibc_offset = match imp {
+            Imp::Rseq(access) => rseq::glibc_offset_of(access),
+            Imp::Portable => None,
+        };
         Ok(Self {
             imp,
+            glibc_offset,
             cpus,
             stride_words,
             classes,
@@ -383,6 +424,16 @@ impl PerCpuStacks {
             Imp::Rseq(access) => rseq::pop(access, geometry),
             Imp::Portable => self.pop_on(current_cpu(), class),
         }
+    }
+
+    /// The common case of [`pop`](Self::pop) and [`push`](Self::push) (rseq with the C
+    /// library's areas), or `None` where it does not apply (the caller then uses them).
+    #[inline(always)]
+    pub(crate) fn fast(&self) -> Option<FastStacks<'_>> {
+        Some(FastStacks {
+            glibc_offset: self.glibc_offset?,
+            classes: &self.classes,
+        })
     }
 
     /// Pushes `item` on the calling CPU's stack of `class`; gives it back when the stack is

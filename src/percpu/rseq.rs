@@ -332,6 +332,46 @@ pub(super) fn pop(access: Access, geometry: &ClassGeometry) -> Option<u64> {
     unsafe { arch::pop(area, geometry) }
 }
 
+/// Where each thread finds its area, when glibc registered it: at this offset from the
+/// thread pointer. `None` for threads that register their own.
+pub(super) fn glibc_offset_of(access: Access) -> Option<isize> {
+    match access {
+        Access::Glibc { offset } => Some(offset),
+        Access::Own => None,
+    }
+}
+
+/// [`pop`] for a process whose areas glibc registered ([`glibc_offset_of`]); no call on
+/// the way, so that it inlines without a stack frame.
+#[inline(always)]
+pub(super) fn pop_glibc(offset: isize, geometry: &ClassGeometry) -> Option<u64> {
+    let area = arch::thread_pointer().wrapping_byte_offset(offset).cast();
+    // SAFETY: see the comment above the operations; glibc registered every thread's area
+    // at `offset` from its thread pointer.
+    unsafe { arch::pop(area, geometry) }
+}
+
+/// [`push`] like [`pop_glibc`]; `false` when it did not push.
+#[inline(always)]
+pub(super) fn push_glibc(offset: isize, geometry: &ClassGeometry, item: u64) -> bool {
+    let area = arch::thread_pointer().wrapping_byte_offset(offset).cast();
+    // SAFETY: as in `pop_glibc`.
+    unsafe { arch::push(area, geometry, item) }
+}
+
+/// [`push_if_on`] like [`pop_glibc`]; `false` when it did not push.
+#[inline(always)]
+pub(super) fn push_if_on_glibc(
+    offset: isize,
+    geometry: &ClassGeometry,
+    item: u64,
+    owner: u32,
+) -> bool {
+    let area = arch::thread_pointer().wrapping_byte_offset(offset).cast();
+    // SAFETY: as in `pop_glibc`.
+    unsafe { arch::push_if_on(area, geometry, item, owner) }
+}
+
 #[inline]
 pub(super) fn push(access: Access, geometry: &ClassGeometry, item: u64) -> Result<(), u64> {
     let Some(area) = access.area() else {

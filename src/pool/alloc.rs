@@ -268,6 +268,20 @@ impl PoolCore {
     /// Frees the block starting at `idx`, checking it is allocated (with `order`, if given).
     #[inline]
     pub(crate) fn free_frame(&self, idx: FrameIdx, order: Option<u8>) -> Result<u8, FreeError> {
+        match self.free_cached_fast(idx, order) {
+            Some(actual) => Ok(actual),
+            None => self.free_frame_slow(idx, order),
+        }
+    }
+
+    /// [`free_frame`](Self::free_frame) past its fast path.
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn free_frame_slow(
+        &self,
+        idx: FrameIdx,
+        order: Option<u8>,
+    ) -> Result<u8, FreeError> {
         // Without a lock: the caller owns an allocated block, and nobody else writes its
         // entry, so what it says is true. Anything else (a double free, an interior
         // pointer) takes the locked path, which names the error.

@@ -230,8 +230,19 @@ impl SlabAlloc {
     /// the CPU is being drained): then [`alloc_slow`](Self::alloc_slow).
     #[inline(always)]
     pub(crate) fn alloc(&self, class: usize) -> Option<NonNull<u8>> {
-        let item = self.caches.pop(class)?;
+        let item = match self.caches.fast() {
+            Some(fast) => fast.pop(class)?,
+            None => self.pop_uncommon(class)?,
+        };
         Some(self.hand_out(item, None))
+    }
+
+    /// The cache's `pop` where its fast path does not apply (the portable mode), out of
+    /// line so that the fast path needs no stack frame.
+    #[cold]
+    #[inline(never)]
+    fn pop_uncommon(&self, class: usize) -> Option<u64> {
+        self.caches.pop(class)
     }
 
     /// Like [`alloc`](Self::alloc), with the first `size` bytes zeroed (no `memset` for a
@@ -289,12 +300,12 @@ impl SlabAlloc {
             word.write(mark);
         }
         let owner = entry.owner();
-        if self
-            .caches
-            .push_if_on(class, addr as u64, owner as u32)
-            .is_err()
-        {
-            self.free_slow(addr, class, owner);
+        let pushed = match self.caches.fast() {
+            Some(fast) => fast.push_if_on(class, addr as u64, owner as u32),
+            None => false,
+        };
+        if !pushed {
+            self.free_uncached(addr, class, owner);
         }
     }
 }

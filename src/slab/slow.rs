@@ -59,6 +59,22 @@ impl SlabAlloc {
         Some(self.hand_out(items[0], zero))
     }
 
+    /// A free the cache's fast path did not take: in the portable mode it never applies,
+    /// so the portable push comes first; then [`free_slow`](Self::free_slow).
+    #[cold]
+    #[inline(never)]
+    pub(crate) fn free_uncached(&self, addr: usize, class: usize, owner: usize) {
+        if self.caches.fast().is_none()
+            && self
+                .caches
+                .push_if_on(class, addr as u64, owner as u32)
+                .is_ok()
+        {
+            return;
+        }
+        self.free_slow(addr, class, owner);
+    }
+
     /// A free whose push on the owner's cache failed: the thread is not on the owner's
     /// CPU, the cache is full, or a drain has stopped the CPU.
     #[cold]

@@ -28,6 +28,25 @@ pub(super) fn pop(access: Access, _: &ClassGeometry) -> Option<u64> {
     match access {}
 }
 
+pub(super) fn glibc_offset_of(access: Access) -> Option<isize> {
+    match access {}
+}
+
+/// Never called: no offset exists.
+pub(super) fn pop_glibc(_: isize, _: &ClassGeometry) -> Option<u64> {
+    None
+}
+
+/// Never called: no offset exists.
+pub(super) fn push_glibc(_: isize, _: &ClassGeometry, _: u64) -> bool {
+    false
+}
+
+/// Never called: no offset exists.
+pub(super) fn push_if_on_glibc(_: isize, _: &ClassGeometry, _: u64, _: u32) -> bool {
+    false
+}
+
 pub(super) fn push(access: Access, _: &ClassGeometry, _: u64) -> Result<(), u64> {
     match access {}
 }

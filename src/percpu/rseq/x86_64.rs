@@ -3,8 +3,8 @@
 //! Every operation is one `asm!` block built by the `critical_section!` macro:
 //!
 //! ```text
-//!  2:  lea  t, [rip + 3f]              restart: publish the descriptor in
-//!      mov  [rseq + RSEQ_CS], t          rseq->rseq_cs (the kernel clears it on abort)
+//!  2:  lea  cpu, [rip + 3f]            restart: publish the descriptor in
+//!      mov  [rseq + RSEQ_CS], cpu        rseq->rseq_cs (the kernel clears it on abort)
 //!  4:  mov  cpu:e, [rseq + CPU_ID]      start_ip: the CPU, read inside the section
 //!      cmp  cpu, [class + CPUS]         -1 / -2 (not registered, failed) are huge
 //!      jae  7f                            unsigned numbers: fail
@@ -85,9 +85,12 @@ pub(super) fn thread_pointer() -> *mut u8 {
 /// label `7:` failures jump to, the descriptor and the abort handler.
 ///
 /// `checks` run right after the CPU number is validated. Named registers available to
-/// both: `rseq`, `class` (inputs), `cpu` (the CPU number), `t` (scratch), `area` (after
-/// the prologue: this CPU's slot 0 of the class), `hdr` (the class's count word). The
-/// caller declares the body's own registers and constants.
+/// both: `rseq`, `class` (inputs), `cpu` (the CPU number), `area` (after the prologue:
+/// this CPU's slot 0 of the class), `hdr` (the class's count word). The caller declares
+/// the body's own registers and constants. Every register an operation names is one the
+/// compiler cannot use for the caller's values, and the fast paths are meant to inline
+/// without a stack frame: the prologue publishes the descriptor through `cpu`, and `pop`
+/// and `push` keep the count in `cpu` once the area is known.
 macro_rules! critical_section {
     (
         rseq: $rseq:expr,
@@ -99,8 +102,8 @@ macro_rules! critical_section {
         asm!(
             // Restart point: (re)publish this section's descriptor.
             "2:",
-            "lea {t}, [rip + 3f]",
-            "mov qword ptr [{rseq} + {RSEQ_CS}], {t}",
+            "lea {cpu}, [rip + 3f]",
+            "mov qword ptr [{rseq} + {RSEQ_CS}], {cpu}",
             // start_ip. From here to label 5 the kernel aborts us on preemption,
             // migration, signal delivery or a membarrier fence.
             "4:",
@@ -139,7 +142,6 @@ macro_rules! critical_section {
             ".popsection",
             rseq = in(reg) $rseq,
             class = in(reg) $class,
-            t = out(reg) _,
             cpu = out(reg) _,
             area = out(reg) _,
             hdr = out(reg) _,
@@ -175,18 +177,17 @@ pub(super) unsafe fn pop(rseq: *mut RseqAbi, class: *const ClassGeometry) -> Opt
             class: class,
             checks: [],
             body: [
-                // cnt = count - 1; empty (0 wraps around) or corrupt (> cap): fail.
-                "mov {cnt}, qword ptr [{hdr}]",
-                "sub {cnt}, 1",
-                "cmp {cnt}, qword ptr [{class} + {G_CAP}]",
+                // cpu = count - 1; empty (0 wraps around) or corrupt (> cap): fail.
+                "mov {cpu}, qword ptr [{hdr}]",
+                "sub {cpu}, 1",
+                "cmp {cpu}, qword ptr [{class} + {G_CAP}]",
                 "jae 7f",
-                "mov {item}, qword ptr [{area} + {cnt} * 8]",
+                "mov {item}, qword ptr [{area} + {cpu} * 8]",
                 // Commit.
-                "mov qword ptr [{hdr}], {cnt}",
+                "mov qword ptr [{hdr}], {cpu}",
                 "5:",
                 "mov {ok:e}, 1",
             ],
-            cnt = out(reg) _,
             item = out(reg) item,
             ok = inout(reg) 0usize => ok,
             G_CAP = const G_CAP,
@@ -212,18 +213,18 @@ pub(super) unsafe fn push(rseq: *mut RseqAbi, class: *const ClassGeometry, item:
             class: class,
             checks: [],
             body: [
-                "mov {cnt}, qword ptr [{hdr}]",
-                "cmp {cnt}, qword ptr [{class} + {G_CAP}]",
+                // cpu = count; full or corrupt: fail.
+                "mov {cpu}, qword ptr [{hdr}]",
+                "cmp {cpu}, qword ptr [{class} + {G_CAP}]",
                 "jae 7f",
                 // Above the count: invisible until the commit, overwritten by a restart.
-                "mov qword ptr [{area} + {cnt} * 8], {item}",
-                "add {cnt}, 1",
+                "mov qword ptr [{area} + {cpu} * 8], {item}",
+                "add {cpu}, 1",
                 // Commit.
-                "mov qword ptr [{hdr}], {cnt}",
+                "mov qword ptr [{hdr}], {cpu}",
                 "5:",
                 "mov {ok:e}, 1",
             ],
-            cnt = out(reg) _,
             item = in(reg) item,
             ok = inout(reg) 0usize => ok,
             G_CAP = const G_CAP,
@@ -256,17 +257,17 @@ pub(super) unsafe fn push_if_on(
                 "jne 7f",
             ],
             body: [
-                "mov {cnt}, qword ptr [{hdr}]",
-                "cmp {cnt}, qword ptr [{class} + {G_CAP}]",
+                // cpu = count (the owner check is done with the CPU number).
+                "mov {cpu}, qword ptr [{hdr}]",
+                "cmp {cpu}, qword ptr [{class} + {G_CAP}]",
                 "jae 7f",
-                "mov qword ptr [{area} + {cnt} * 8], {item}",
-                "add {cnt}, 1",
+                "mov qword ptr [{area} + {cpu} * 8], {item}",
+                "add {cpu}, 1",
                 // Commit.
-                "mov qword ptr [{hdr}], {cnt}",
+                "mov qword ptr [{hdr}], {cpu}",
                 "5:",
                 "mov {ok:e}, 1",
             ],
-            cnt = out(reg) _,
             item = in(reg) item,
             owner = in(reg) owner,
             ok = inout(reg) 0usize => ok,
@@ -335,6 +336,7 @@ pub(super) unsafe fn pop_batch(
             cnt = out(reg) _,
             n = out(reg) _,
             i = out(reg) _,
+            t = out(reg) _,
             dst = in(reg) out,
             len = in(reg) len,
             result = inout(reg) FAILED => result,
@@ -395,6 +397,7 @@ pub(super) unsafe fn push_batch(
             cnt = out(reg) _,
             n = out(reg) _,
             i = out(reg) _,
+            t = out(reg) _,
             items = in(reg) items,
             len = in(reg) len,
             pushed = inout(reg) 0usize => pushed,
