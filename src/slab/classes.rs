@@ -180,6 +180,17 @@ pub(crate) fn class_for(size: usize, align: usize) -> Option<usize> {
     aligned_class(class, align)
 }
 
+/// [`class_for`] for requests whose alignment the size's own class satisfies (nearly all);
+/// `None` for the others too. Makes no call.
+#[inline(always)]
+pub(crate) fn natural_class_for(size: usize, align: usize) -> Option<usize> {
+    if size > SMALL_LIMIT {
+        return None;
+    }
+    let class = class_index(size);
+    (align <= INFO[class].align as usize).then_some(class)
+}
+
 /// The first class from `class` up whose natural alignment is at least `align`.
 #[cold]
 fn aligned_class(class: usize, align: usize) -> Option<usize> {

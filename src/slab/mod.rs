@@ -86,9 +86,9 @@ mod loom_models;
 use std::io;
 use std::ptr::NonNull;
 
-#[cfg_attr(loom, allow(unused_imports))]
-pub(crate) use classes::class_for;
 use classes::{GRANULE_SHIFT, INFO, MIN_SIZE};
+#[cfg_attr(loom, allow(unused_imports))]
+pub(crate) use classes::{class_for, natural_class_for};
 pub(crate) use heap::FRESH;
 use heap::Heap;
 pub(crate) use map::Entry;
@@ -234,6 +234,14 @@ impl SlabAlloc {
             Some(fast) => fast.pop(class)?,
             None => self.pop_uncommon(class)?,
         };
+        Some(self.hand_out(item, None))
+    }
+
+    /// [`alloc`](Self::alloc) where the cache's fast path applies, with no call on the way
+    /// (`None` also where it does not: then `alloc`).
+    #[inline(always)]
+    pub(crate) fn alloc_fast(&self, class: usize) -> Option<NonNull<u8>> {
+        let item = self.caches.fast()?.pop(class)?;
         Some(self.hand_out(item, None))
     }
 

@@ -69,7 +69,7 @@ use crate::os::mapping::MetaArray;
 use crate::pool::PoolCore;
 use crate::pool::background::on_background_thread;
 use crate::slab::reentry;
-use crate::slab::{Found, SlabAlloc, class_for};
+use crate::slab::{Found, SlabAlloc, class_for, natural_class_for};
 use crate::{FRAME_SIZE, MAX_SUPPORTED_ORDER, block_size, order_for};
 
 pub use counters::PoolAllocStats;
@@ -411,6 +411,28 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
     /// place refused.
     #[inline(always)]
     fn allocate(&self, layout: Layout, zero: bool) -> *mut u8 {
+        if !zero && let Some(ptr) = self.alloc_small_fast(layout) {
+            return ptr.as_ptr();
+        }
+        self.allocate_general(layout, zero)
+    }
+
+    /// The common case of [`allocate`](Self::allocate): a small object from this CPU's
+    /// cache by rseq. Makes no call, so `alloc` runs it without a stack frame; `None`
+    /// whenever anything else is needed.
+    #[inline(always)]
+    fn alloc_small_fast(&self, layout: Layout) -> Option<ptr::NonNull<u8>> {
+        let size = layout.size();
+        if size > self.small_limit || !self.pool_wanted(size) || on_background_thread() {
+            return None;
+        }
+        let class = natural_class_for(size, layout.align())?;
+        self.ready_slab()?.alloc_fast(class)
+    }
+
+    /// [`allocate`](Self::allocate) past its fast path.
+    #[inline(never)]
+    fn allocate_general(&self, layout: Layout, zero: bool) -> *mut u8 {
         if on_background_thread() {
             // See `pool::background`: the pool's own threads never take a per-CPU cache.
             return self.alloc_outside_pool(layout, zero);
@@ -557,6 +579,31 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         }
     }
 
+    /// Frees what `dealloc` found outside the region: a mapping of ours or the fallback's.
+    /// Out of line, as [`free_page`](Self::free_page).
+    ///
+    /// # Safety
+    /// `ptr` and `layout` are a `dealloc` call's, for a pointer outside the region.
+    #[inline(never)]
+    unsafe fn dealloc_outside_pool(&self, ptr: *mut u8, layout: Layout) {
+        if self.is_mapping(layout) {
+            // SAFETY: outside the region, above the floor: always a mapping of ours.
+            unsafe { huge::unmap(ptr, layout.size(), layout.align()) };
+            self.unmapped(layout);
+            return;
+        }
+        // SAFETY: neither the region nor a mapping: the fallback allocated it with
+        // `layout`.
+        unsafe { self.fallback.dealloc(ptr, layout) }
+    }
+
+    /// [`free_pool`](Self::free_pool) out of line: the small-object path it shares
+    /// `dealloc` with then needs no stack frame.
+    #[inline(never)]
+    fn free_page(&self, core: &PoolCore, ptr: *mut u8) {
+        self.free_pool(core, ptr);
+    }
+
     /// Frees a page block by address; deferred when this thread may not take a pool lock.
     #[inline]
     fn free_pool(&self, core: &PoolCore, ptr: *mut u8) {
@@ -681,19 +728,13 @@ unsafe impl<F: GlobalAlloc> GlobalAlloc for PoolAlloc<F> {
             match slab.find(ptr) {
                 // SAFETY: a pointer the caller got from us, in a slab.
                 Found::Object(entry) => return unsafe { slab.free(ptr, entry) },
-                Found::Page => return self.free_pool(slab.core(), ptr),
+                Found::Page => return self.free_page(slab.core(), ptr),
                 Found::Outside => {}
             }
         }
-        if self.is_mapping(layout) {
-            // SAFETY: outside the region, above the floor: always a mapping of ours.
-            unsafe { huge::unmap(ptr, layout.size(), layout.align()) };
-            self.unmapped(layout);
-            return;
-        }
-        // SAFETY: neither the region nor a mapping: the fallback allocated it with
-        // `layout`.
-        unsafe { self.fallback.dealloc(ptr, layout) }
+        // SAFETY: forwarded: outside the region, so not ours but a mapping's or the
+        // fallback's.
+        unsafe { self.dealloc_outside_pool(ptr, layout) }
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
