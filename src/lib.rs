@@ -65,7 +65,7 @@
 //! - `pool`: [`PagePool`]'s core, without threads or reference counts, so it can live in a
 //!   `static`.
 //! - `slab`: the small-object allocator behind [`PoolAlloc`]: 79 size classes up to 32 KiB
-//!   in slabs (pool blocks of one class and one owner CPU, metadata out of band), a
+//!   (the adapter uses those up to [`SLAB_OBJECT_LIMIT`], 8 KiB) in slabs (pool blocks of one class and one owner CPU, metadata out of band), a
 //!   lock-free per-CPU cache per class on restartable sequences, frees from other CPUs
 //!   through one lock-free queue per CPU heap, and the pool's client interface, so the
 //!   hinter drains idle caches and the fork handlers hold the heaps' locks.
@@ -137,7 +137,7 @@ pub use front::alloc_async::AllocAsync;
 #[cfg(not(loom))]
 pub use front::global::{
     DEFAULT_MIN_POOL_SIZE, DIRECT_MAP_MIN, GLOBAL_HINT_MIN_ORDER, GLOBAL_IDLE_HINT_MIN_ORDER,
-    GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats,
+    GLOBAL_MAX_ORDER, PoolAlloc, PoolAllocStats, SLAB_OBJECT_LIMIT,
 };
 pub use front::guard::{BlockGuard, OwnedBlock};
 pub use front::local_cache::{DEFAULT_LOCAL_CACHE_BLOCKS, LocalCache};

@@ -47,3 +47,36 @@ fn page_block_counts_are_exact_across_more_threads_than_slots() {
     assert_eq!(after.pool_allocs - before.pool_allocs, n, "{after}");
     assert_eq!(after.pool_frees - before.pool_frees, n, "{after}");
 }
+
+/// An adapter of its own: the other test's threads move `POOL`'s counters meanwhile.
+static ROUTING: PoolAlloc = PoolAlloc::with_config(PoolBuilder::new().capacity(64 << 20));
+
+#[test]
+fn requests_up_to_the_slab_limit_are_objects_and_larger_ones_page_blocks() {
+    let limit = pagepool::SLAB_OBJECT_LIMIT;
+    for (size, align, object) in [
+        (limit, 8, true),
+        (limit, limit, true),
+        (limit + 1, 8, false),
+        (limit * 2, 8, false),
+        (limit - 100, 64, true),
+    ] {
+        let layout = Layout::from_size_align(size, align).unwrap();
+        let before = ROUTING.stats();
+        // SAFETY: a valid, non-zero layout.
+        let p = unsafe { ROUTING.alloc(layout) };
+        assert!(!p.is_null() && ROUTING.contains(p) && (p as usize).is_multiple_of(align));
+        // SAFETY: `p` holds `size` bytes.
+        unsafe { p.write_bytes(0x5a, size) };
+        let during = ROUTING.stats();
+        let objects = during.slab_live_objects - before.slab_live_objects;
+        let blocks = during.pool_allocs - before.pool_allocs;
+        assert_eq!(
+            (objects, blocks),
+            if object { (1, 0) } else { (0, 1) },
+            "{size} B aligned to {align}: {during}"
+        );
+        // SAFETY: allocated above with `layout`.
+        unsafe { ROUTING.dealloc(p, layout) };
+    }
+}

@@ -47,7 +47,7 @@ fn doubling_grows_in_place_in_a_fresh_pool() {
     // Serialised too: its own bookkeeping allocates through GLOBAL.
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let align = 8;
-    // Above the small-object limit (32 KiB): a page block from the start.
+    // Above the small-object limit (8 KiB): a page block from the start.
     let mut size = 64 << 10;
     // SAFETY: non-zero size, valid alignment.
     let first = unsafe { LOCAL.alloc(Layout::from_size_align(size, align).unwrap()) };
@@ -116,7 +116,7 @@ fn vec_growth_keeps_contents() {
     for i in 0..(8u32 << 20) {
         v.push(i.wrapping_mul(2_654_435_761));
         if v.capacity() != last_cap {
-            // A page block: in the pool, more than the small-object limit (32 KiB).
+            // A page block: in the pool, more than 32 KiB (the small-object limit is 8 KiB).
             if last_cap * 4 > 32 << 10 && GLOBAL.contains(last_ptr.cast()) {
                 if v.as_ptr() == last_ptr {
                     in_place += 1

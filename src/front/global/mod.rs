@@ -6,7 +6,7 @@
 //!
 //! | request (size or alignment) | served by | freed by |
 //! |---|---|---|
-//! | up to 32 KiB, with an alignment a size class has | a slab object: per-CPU cache, CPU heap, slab (the small-object layer) | its address: in a slab |
+//! | up to [`SLAB_OBJECT_LIMIT`] (8 KiB), with an alignment a size class has | a slab object: per-CPU cache, CPU heap, slab (the small-object layer) | its address: in a slab |
 //! | up to the direct-mapping threshold | a pool block of `order_for(size, align)` | its address: in the region, no slab there |
 //! | above the threshold (from [`DIRECT_MAP_MIN`], 1 MiB, rising to the largest block) | its own `mmap`, resized with `mremap` | its layout: above 1 MiB, outside the region |
 //! | from inside the pool (re-entrant), from the pool's own threads (`pool::background`), pool exhausted, switched off or not built | the fallback (`System`) | outside the region, layout at most 1 MiB |
@@ -110,6 +110,20 @@ pub const GLOBAL_HINT_MIN_ORDER: u8 = 4;
 /// on two threads 60 % of its throughput (refaults, and a TLB shootdown per `madvise`).
 pub const GLOBAL_IDLE_HINT_MIN_ORDER: u8 = 2;
 
+/// The largest request [`PoolAlloc`] serves as a small object from a size-class slab;
+/// larger ones are page blocks of the pool (through the same per-CPU caches, rounded up
+/// to a power of two whose untouched tail pages cost no memory).
+///
+/// A slab holds at least 4 objects of one class and belongs to one CPU, so a program that
+/// uses a class on a CPU keeps a partly used slab there: for the classes above 8 KiB that
+/// is 40-128 KiB per class and CPU however little of it is live. Measured on the
+/// application suite (`benches/apps`, 3 rounds, A/B against 32 KiB, the limit before):
+/// peak RSS of the producer/consumer workload 18.1-18.5 -> 16.3 MiB, larson 106.3-109.4 ->
+/// 101.6-101.9 MiB, regex and growth 0.5-1 % lower, json, parser and collections equal;
+/// no workload slower beyond the noise (4 and 16 KiB came within 1-2 MiB of 8 KiB on
+/// both workloads, neither lower on both).
+pub const SLAB_OBJECT_LIMIT: usize = 8 << 10;
+
 /// The largest block of [`PoolAlloc::new`]: order 13, 32 MiB.
 ///
 /// Requests above it get a mapping of their own (resized with `mremap`, unmapped on free),
@@ -147,11 +161,12 @@ pub const GLOBAL_MAX_ORDER: u8 = 13;
 /// ```
 ///
 /// # Small objects
-/// Up to 32 KiB, a request takes the smallest of 79 size classes that holds it (16 to 128
-/// bytes in steps of 8, then 8 classes per doubling: at most 12.5 % waste above 128 bytes)
-/// and whose natural alignment (the largest power of two dividing the class size) covers
-/// the request's; a stricter alignment takes a larger class or a page block. Objects come
-/// from slabs, pool blocks of 64 to 256 KiB holding one class, with their metadata out of
+/// Up to [`SLAB_OBJECT_LIMIT`] (8 KiB), a request takes the smallest size class that
+/// holds it (16 to 128 bytes in steps of 8, then 8 classes per doubling: at most 12.5 %
+/// waste above 128 bytes) and whose natural alignment (the largest power of two dividing
+/// the class size) covers the request's; a stricter alignment takes a larger class or a
+/// page block. Objects come from slabs, pool blocks of 16 to 128 KiB holding one class
+/// and at least 4 objects, with their metadata out of
 /// band (no header in front of an object). The fast paths run on the calling CPU's cache
 /// with restartable sequences, as tcmalloc's do: an allocation pops, a free on the CPU that
 /// owns the object's slab pushes, with no lock and no atomic read-modify-write. A free on
@@ -277,7 +292,14 @@ impl<F: GlobalAlloc> PoolAlloc<F> {
         Self {
             slab: AtomicPtr::new(ptr::null_mut()),
             enabled: AtomicBool::new(true),
-            small_limit: crate::slab::classes::small_limit(max),
+            small_limit: {
+                let classes = crate::slab::classes::small_limit(max);
+                if classes < SLAB_OBJECT_LIMIT {
+                    classes
+                } else {
+                    SLAB_OBJECT_LIMIT
+                }
+            },
             min_size: DEFAULT_MIN_POOL_SIZE,
             map_floor: if DIRECT_MAP_MIN < block_size(max) {
                 DIRECT_MAP_MIN
