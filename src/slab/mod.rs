@@ -230,10 +230,7 @@ impl SlabAlloc {
     /// the CPU is being drained): then [`alloc_slow`](Self::alloc_slow).
     #[inline(always)]
     pub(crate) fn alloc(&self, class: usize) -> Option<NonNull<u8>> {
-        let item = match self.caches.fast() {
-            Some(fast) => fast.pop(class)?,
-            None => self.pop_uncommon(class)?,
-        };
+        let item = self.caches.pop(class)?;
         Some(self.hand_out(item, None))
     }
 
@@ -243,14 +240,6 @@ impl SlabAlloc {
     pub(crate) fn alloc_fast(&self, class: usize) -> Option<NonNull<u8>> {
         let item = self.caches.fast()?.pop(class)?;
         Some(self.hand_out(item, None))
-    }
-
-    /// The cache's `pop` where its fast path does not apply (the portable mode), out of
-    /// line so that the fast path needs no stack frame.
-    #[cold]
-    #[inline(never)]
-    fn pop_uncommon(&self, class: usize) -> Option<u64> {
-        self.caches.pop(class)
     }
 
     /// Like [`alloc`](Self::alloc), with the first `size` bytes zeroed (no `memset` for a
