@@ -113,12 +113,16 @@ impl Access {
     #[inline(always)]
     fn area(self) -> Option<*mut RseqAbi> {
         match self {
-            Access::Glibc { offset } => {
-                Some(arch::thread_pointer().wrapping_byte_offset(offset).cast())
-            }
+            Access::Glibc { offset } => Some(glibc_area(offset)),
             Access::Own => own_area(),
         }
     }
+}
+
+/// The calling thread's area that glibc registered `offset` bytes from its thread pointer.
+#[inline(always)]
+fn glibc_area(offset: isize) -> *mut RseqAbi {
+    arch::thread_pointer().wrapping_byte_offset(offset).cast()
 }
 
 const UNKNOWN: u8 = 0;
@@ -345,18 +349,16 @@ pub(super) fn glibc_offset_of(access: Access) -> Option<isize> {
 /// the way, so that it inlines without a stack frame.
 #[inline(always)]
 pub(super) fn pop_glibc(offset: isize, geometry: &ClassGeometry) -> Option<u64> {
-    let area = arch::thread_pointer().wrapping_byte_offset(offset).cast();
     // SAFETY: see the comment above the operations; glibc registered every thread's area
     // at `offset` from its thread pointer.
-    unsafe { arch::pop(area, geometry) }
+    unsafe { arch::pop(glibc_area(offset), geometry) }
 }
 
 /// [`push`] like [`pop_glibc`]; `false` when it did not push.
 #[inline(always)]
 pub(super) fn push_glibc(offset: isize, geometry: &ClassGeometry, item: u64) -> bool {
-    let area = arch::thread_pointer().wrapping_byte_offset(offset).cast();
     // SAFETY: as in `pop_glibc`.
-    unsafe { arch::push(area, geometry, item) }
+    unsafe { arch::push(glibc_area(offset), geometry, item) }
 }
 
 /// [`push_if_on`] like [`pop_glibc`]; `false` when it did not push.
@@ -367,9 +369,8 @@ pub(super) fn push_if_on_glibc(
     item: u64,
     owner: u32,
 ) -> bool {
-    let area = arch::thread_pointer().wrapping_byte_offset(offset).cast();
     // SAFETY: as in `pop_glibc`.
-    unsafe { arch::push_if_on(area, geometry, item, owner) }
+    unsafe { arch::push_if_on(glibc_area(offset), geometry, item, owner) }
 }
 
 #[inline]

@@ -297,10 +297,10 @@ impl SlabAlloc {
             word.write(mark);
         }
         let owner = entry.owner();
-        let pushed = match self.caches.fast() {
-            Some(fast) => fast.push_if_on(class, addr as u64, owner as u32),
-            None => false,
-        };
+        let pushed = self
+            .caches
+            .fast()
+            .is_some_and(|fast| fast.push_if_on(class, addr as u64, owner as u32));
         if !pushed {
             self.free_uncached(addr, class, owner);
         }
