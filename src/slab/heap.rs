@@ -3,7 +3,7 @@
 //!
 //! ```text
 //!  Heap (one per possible CPU)
-//!  +-- remote: RemoteQueue           objects freed on other CPUs (lock-free, own line)
+//!  +-- remote: RemoteQueue           objects freed on other CPUs (lock-free, own lines)
 //!  +-- state: Mutex<HeapState>
 //!  |     bins[class][0..4]           partial slabs by occupancy: bin b holds slabs with
 //!  |                                 b/4 <= used/objects < (b+1)/4
@@ -32,13 +32,11 @@
 
 use std::ptr;
 
-use crossbeam_utils::CachePadded;
-
 use super::SlabAlloc;
 use super::classes::{CLASSES, GRANULE_SHIFT, INFO, MAX_SLAB_ORDER, SLAB_MIN_ORDER};
 use super::fatal;
 use super::map::{SlabData, list};
-use super::remote::{Links, RemoteQueue, drain_list};
+use super::remote::{Links, RemoteQueue};
 use crate::frame_table::FreeClass;
 use crate::sync::{AtomicU32, AtomicU64, Mutex, MutexGuard, Ordering, now_ms};
 
@@ -58,7 +56,7 @@ pub(crate) const FRESH: u64 = 1;
 pub(crate) struct Heap {
     /// Objects freed on other CPUs, waiting for this heap (its own cache lines: every
     /// other CPU may write it).
-    pub(crate) remote: CachePadded<RemoteQueue>,
+    pub(crate) remote: RemoteQueue,
     pub(crate) state: Mutex<HeapState>,
     pub(crate) counters: HeapCounters,
     /// When this CPU was last seen active (`now_ms`), for the idle release; written only
@@ -122,7 +120,7 @@ pub(crate) fn add(counter: &AtomicU64, delta: u64) {
 impl Heap {
     pub(crate) fn new() -> Self {
         Self {
-            remote: CachePadded::new(RemoteQueue::new()),
+            remote: RemoteQueue::new(),
             state: Mutex::new(HeapState {
                 bins: [[0; BINS]; CLASSES],
                 spares: [0; SPARE_ORDERS],
@@ -479,20 +477,16 @@ impl Locked<'_> {
 
     /// Collects this heap's remote frees onto their slabs; returns how many.
     pub(crate) fn collect_remote(&mut self) -> usize {
-        let first = self.heap.remote.take();
-        if first == 0 {
+        let heap = self.heap;
+        if heap.remote.is_empty() {
             return 0;
         }
-        let slab = self.slab;
-        let links = ObjectLinks(slab);
-        let mut n = 0;
-        // SAFETY: the list was just taken from this heap's queue, whose links live in the
-        // objects' first words; `drain_list` reads each link before `put_back` rewrites it.
-        for obj in unsafe { drain_list(&links, first) } {
-            self.put_back(obj);
-            n += 1;
-        }
-        add(&self.heap.counters.collected, n as u64);
+        let links = ObjectLinks(self.slab);
+        // SAFETY: we hold the heap lock, so we are the queue's one collector; its stack
+        // links live in the objects' first words, and `collect` reads each link before
+        // `put_back` rewrites it.
+        let n = unsafe { heap.remote.collect(&links, |obj| self.put_back(obj)) };
+        add(&heap.counters.collected, n as u64);
         n
     }
 

@@ -3,10 +3,13 @@
 //! Run with `RUSTFLAGS="--cfg loom" cargo test -p pagepool --lib --release -- slab`
 //! (`loom-tests/run.sh` does, with `LOOM_MAX_PREEMPTIONS=2`).
 //!
-//! - `remote_frees_race_a_collection`: two threads push objects on a remote queue while
-//!   the owner takes and walks the queue; links are loom cells, so a push whose link write
-//!   is not published by its compare-and-swap, or a walk that reads a link before the
-//!   take, fails the model. Every object is collected exactly once.
+//! - `remote_frees_race_a_collection`: two threads push three objects on a remote queue
+//!   while the owner collects it. The ring has two cells under loom, so pushes also
+//!   overflow to the stack; links are loom cells, so a push whose link write is not
+//!   published by its compare-and-swap, or a walk that reads a link before the swap, fails
+//!   the model, as does a cell reused before the owner read it. Every object is collected
+//!   exactly once, including one whose producer stalled between claiming a cell and
+//!   writing it (the first collection stops there, the second finds it).
 //! - `a_free_races_a_drain_of_its_cpu`: the real layer over a heap-backed pool, one CPU
 //!   (loom's): a thread frees an object (the fast path's `push_if_on`, or, with the CPU
 //!   stopped by the drain, the slow path) while another drains the CPU and releases empty
@@ -22,7 +25,7 @@ use loom::thread;
 
 use super::SlabAlloc;
 use super::classes::INFO;
-use super::remote::{Links, RemoteQueue, drain_list};
+use super::remote::{Links, RemoteQueue};
 use crate::config::PoolBuilder;
 use crate::os::mapping::Backing;
 use crate::pool::PoolCore;
@@ -71,13 +74,13 @@ fn remote_frees_race_a_collection() {
         // the last access to an atomic, so it would never move a push before an earlier
         // load; from this order it explores the take before each push.
         thread::yield_now();
-        // SAFETY: the lists come from `take` on this queue; objects are not reused.
-        seen.extend(unsafe { drain_list(&*cells, queue.take()) });
+        // SAFETY: this thread is the only collector; objects are not reused.
+        unsafe { queue.collect(&*cells, |obj| seen.push(obj)) };
         for p in pushers {
             p.join().unwrap();
         }
         // SAFETY: as above.
-        seen.extend(unsafe { drain_list(&*cells, queue.take()) });
+        unsafe { queue.collect(&*cells, |obj| seen.push(obj)) };
         seen.sort_unstable();
         assert_eq!(seen, [1, 2, 3], "an object was lost or collected twice");
         assert!(queue.is_empty());

@@ -13,7 +13,7 @@
 //!  (percpu::PerCpuStacks, rseq: no lock,            |                atomic RMW)
 //!   no atomic read-modify-write)                    | other CPU, or cache full
 //!    | empty                                        v
-//!    v                                       owner's remote queue: one CAS (any CPU)
+//!    v                                       owner's remote queue: a ring, one CAS (any CPU)
 //!  CPU heap (its lock): collect the remote          | or, on the owner CPU, a spill of
 //!  queue, then the fullest partial slab,            | half the cache under the heap lock
 //!  then a spare, then a new slab                    v
@@ -36,9 +36,10 @@
 //!   an object's cache line through the allocator. Allocation pops; a free on the owner
 //!   CPU pushes with `push_if_on(owner)`, whose owner check is inside the restartable
 //!   sequence, so a migration between the check and the push aborts the push.
-//! - **Remote frees** ([`remote`]): a free on another CPU pushes the object on the owner
-//!   heap's lock-free queue with one compare-and-swap; the owner collects the whole queue
-//!   with one swap on its next slow path (and the idle release does so for idle CPUs).
+//! - **Remote frees** ([`remote`]): a free on another CPU puts the object's address in the
+//!   owner heap's lock-free ring with one compare-and-swap (on a stack linked through the
+//!   objects when the ring is full); the owner collects the whole queue on its next slow
+//!   path (and the idle release does so for idle CPUs).
 //! - **Heaps** ([`heap`]): one per CPU, under a lock that only slow paths take (refills of
 //!   an empty cache and spills of a full one, in batches of half a cache): rarely
 //!   contended, since threads take the heap of the CPU they run on.
@@ -382,5 +383,9 @@ impl Client for SlabAlloc {
     fn recover_after_fork(&self) {
         // SAFETY: called by the child's fork handler, before the child runs other threads.
         unsafe { self.caches.reopen_after_fork() };
+        for heap in self.heaps.iter() {
+            // SAFETY: as above.
+            unsafe { heap.remote.repair_after_fork() };
+        }
     }
 }
