@@ -403,6 +403,10 @@ impl PoolBuilder {
     /// (smallest first), then an equal share of the rest, at most 64 blocks per order.
     /// Larger blocks always go to the shards. A cache idle for `hint_delay` is drained by
     /// the hinter, so this bounds only what busy CPUs hold. 0 turns the caches off.
+    ///
+    /// A small pool gets less: every possible CPU's share of half the capacity at most
+    /// (a 64 MiB pool on a machine with 8 possible CPUs: 4 MiB per CPU), so the caches
+    /// never hold most of the pool.
     pub const fn cpu_cache_bytes(mut self, bytes: usize) -> Self {
         self.cpu_cache_bytes = bytes;
         self

@@ -103,6 +103,39 @@ fn caches_are_bounded_in_bytes_per_cpu() {
     }
 }
 
+/// The default budget (8 MiB per CPU) is capped in a small pool: every CPU's cache holds
+/// at most its share of half the capacity, whatever the orders churned, and the caches
+/// still serve.
+#[test]
+fn a_small_pool_caps_each_cache_at_its_share_of_half_the_pool() {
+    for mode in modes() {
+        for chunks in [1, 2, 4] {
+            let pool = cached(chunks, 1).cpu_cache(mode).build().unwrap();
+            let capacity = pool.stats().capacity as u64;
+            let cpus = pool.stats().cpu_cache_bytes_per_cpu.len() as u64;
+            assert!(cpus >= 1);
+            let share = capacity / 2 / cpus;
+            for order in 0..10u8 {
+                let blocks: Vec<_> = (0..64).map_while(|_| pool.alloc(order).ok()).collect();
+                for b in blocks {
+                    pool.free(b);
+                }
+                let s = pool.stats();
+                for (cpu, &bytes) in s.cpu_cache_bytes_per_cpu.iter().enumerate() {
+                    assert!(
+                        bytes <= share,
+                        "{chunks} chunks: cpu {cpu} holds {bytes} B, over its {share} B share:\n{s}"
+                    );
+                }
+                if order == 0 && share >= 4096 {
+                    assert!(s.cpu_cache_bytes > 0, "the caches still serve:\n{s}");
+                }
+            }
+            assert_all_free(&pool);
+        }
+    }
+}
+
 #[test]
 fn an_allocation_drains_the_caches_before_it_fails() {
     for mode in modes() {
@@ -170,7 +203,11 @@ fn a_waiting_capture_request_bypasses_and_drains_the_caches() {
 #[test]
 fn an_idle_cache_is_drained_and_hinted() {
     for mode in modes() {
-        let pool = cached(4, 1)
+        // Large enough that the default 8 MiB per CPU, which caches a 2 MiB block, is not
+        // capped (see `a_small_pool_caps_each_cache_at_its_share_of_half_the_pool`).
+        let cpus = cached(1, 1).cpu_cache(mode).build().unwrap();
+        let cpus = cpus.stats().cpu_cache_bytes_per_cpu.len();
+        let pool = cached(4 * cpus, 1)
             .cpu_cache(mode)
             .hint_thread(true)
             .hint_delay(Duration::from_millis(20))

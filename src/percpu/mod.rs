@@ -763,7 +763,7 @@ impl Drop for Reopen<'_> {
 /// Number of possible CPUs: one more than the highest number in
 /// `/sys/devices/system/cpu/possible` (read without allocating), else the configured
 /// count. Under loom and Miri, 1 (their `current_cpu` is always 0).
-fn possible_cpus() -> usize {
+pub(crate) fn possible_cpus() -> usize {
     #[cfg(any(loom, miri))]
     {
         1

@@ -49,6 +49,14 @@ fn batch(capacity: usize) -> usize {
 /// on one thread than with `max_order` 9, and slower on two threads than on one.
 const LARGEST_CACHED_SHARE: usize = 4;
 
+/// A CPU's cache budget in a pool of `capacity` bytes: the configured `bytes`, but no more
+/// than every possible CPU's share of half the pool, so the caches cannot hold most of a
+/// small pool (their refills would move a large part of it at a time, and an allocation
+/// would often find the shards empty and drain every cache first).
+pub(crate) fn budget(bytes: usize, capacity: usize) -> usize {
+    bytes.min(capacity / 2 / crate::percpu::possible_cpus())
+}
+
 /// Blocks per CPU for each cached order, so that a CPU holds at most `bytes`: first one
 /// block of each order, smallest first, while the budget allows (so even the largest
 /// cached order is served without a lock), then what is left in equal shares per order,
