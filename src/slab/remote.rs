@@ -17,26 +17,26 @@
 //!
 //! ```text
 //!  freeing thread (any CPU)                     owner (its heap lock held)
-//!  ring: pos = head                             ring: loop at tail:
-//!    loop:                                        if cell.seq != tail + 1: stop
-//!      cell = cells[pos % RING]                   obj = cell.obj
-//!      if cell.seq == pos:                        cell.seq = tail + RING   (Release)
-//!        CAS(head, pos -> pos + 1)                tail += 1; put obj back on its slab
-//!        cell.obj = obj                         stack: list = top.swap(0, Acquire)
-//!        cell.seq = pos + 1        (Release)      for each object of the list:
-//!        done                                       next = obj.word0; put obj back
-//!      if cell.seq < pos: ring full
-//!  stack (ring full): obj.word0 = top; CAS(top, old -> obj, Release)
+//!  ring: loop:                                  ring: t = tail
+//!          pos = head                             while cells[t].seq == t + 1:
+//!          if pos - tail >= RING: ring full         obj = cells[t].obj; t += 1
+//!          CAS(head, pos -> pos + 1)                put obj back on its slab
+//!        cells[pos].obj = obj                     tail = t                 (Release)
+//!        cells[pos].seq = pos + 1   (Release)   stack: list = top.swap(0, Acquire)
+//!  stack (ring full):                             for each object of the list:
+//!    obj.word0 = top; CAS(top, old -> obj)          next = obj.word0; put obj back
 //! ```
 //!
-//! A cell's sequence number says whose turn it is: `pos` (a producer of position `pos`
-//! may claim it), `pos + 1` (written, the owner may take it), `pos + RING` (taken, free for
-//! the next lap). A producer claims a position only when its cell is free, so a producer
-//! that stalls between its claim and its write (preempted) holds up the owner at that
-//! cell, never loses an object; the owner stops there and continues on its next
-//! collection. The release store of `seq` publishes the object (and what the freeing
-//! thread wrote into it); the owner's acquire load of `seq` sees it. The owner's release
-//! store of `seq` orders its read of `obj` before the next lap's write.
+//! Position `pos` lives in cell `pos % RING`; a cell whose sequence number is `pos + 1`
+//! holds the object of position `pos`. A producer claims a position only while it is less
+//! than a lap ahead of the owner's tail, so the cell's previous object was taken; the
+//! owner's release store of `tail` orders its reads of those cells before the next lap's
+//! writes. The owner only reads cells (no cache line goes back to the producers per
+//! object): it writes one word per collection. A producer that stalls between its claim
+//! and its write (preempted) holds up the owner at that cell, never loses an object; the
+//! owner stops there and continues on its next collection. The release store of `seq`
+//! publishes the object (and what the freeing thread wrote into it); the owner's acquire
+//! load of `seq` sees it.
 //!
 //! The stack has no ABA problem: nobody pops single objects, and the swap takes the list
 //! as it is at one instant. The release CAS publishes the link written just before it;
@@ -76,8 +76,8 @@ pub(crate) trait Links {
 
 /// One cell of the ring.
 struct Cell {
-    /// The sequence number (see the module docs), stored minus the cell's index, so that
-    /// all zeros is the initial state.
+    /// One more than the position whose object the cell holds (see the module docs),
+    /// stored minus the cell's index, so that all zeros reads as "no object yet".
     seq: AtomicUsize,
     obj: AtomicUsize,
 }
@@ -100,17 +100,14 @@ impl Cell {
     }
 }
 
-/// The words every freeing CPU writes.
-struct Producers {
-    /// The next position of the ring to claim.
-    head: AtomicUsize,
-    /// The stack's most recently pushed object (0: empty).
-    top: AtomicUsize,
-}
-
 /// One CPU heap's queue of remotely freed objects; see the module docs.
 pub(crate) struct RemoteQueue {
-    producers: CachePadded<Producers>,
+    /// The ring's next position to claim, written by every freeing CPU; alone on its
+    /// line, which the owner never reads.
+    head: CachePadded<AtomicUsize>,
+    /// The stack's most recently pushed object (0: empty), on a line of its own: the
+    /// owner reads it on every collection.
+    top: CachePadded<AtomicUsize>,
     /// The owner's next position: written only by [`collect`](Self::collect), whose
     /// callers hold the heap lock.
     tail: CachePadded<AtomicUsize>,
@@ -122,10 +119,8 @@ impl RemoteQueue {
     #[cfg(not(loom))]
     pub(crate) const fn new() -> Self {
         Self {
-            producers: CachePadded::new(Producers {
-                head: AtomicUsize::new(0),
-                top: AtomicUsize::new(0),
-            }),
+            head: CachePadded::new(AtomicUsize::new(0)),
+            top: CachePadded::new(AtomicUsize::new(0)),
             tail: CachePadded::new(AtomicUsize::new(0)),
             cells: [const { Cell::new() }; RING],
         }
@@ -135,10 +130,8 @@ impl RemoteQueue {
     #[cfg(loom)]
     pub(crate) fn new() -> Self {
         Self {
-            producers: CachePadded::new(Producers {
-                head: AtomicUsize::new(0),
-                top: AtomicUsize::new(0),
-            }),
+            head: CachePadded::new(AtomicUsize::new(0)),
+            top: CachePadded::new(AtomicUsize::new(0)),
             tail: CachePadded::new(AtomicUsize::new(0)),
             cells: std::array::from_fn(|_| Cell::new()),
         }
@@ -178,28 +171,22 @@ impl RemoteQueue {
     /// Puts `obj` in the ring; `false` when it is full.
     #[inline]
     fn push_ring(&self, obj: usize) -> bool {
-        let head = &self.producers.head;
+        let head = &self.head;
         let mut pos = head.load(Ordering::Relaxed);
         loop {
-            // Acquire: the owner read the cell's previous object before freeing it.
-            let turn = self.seq(pos, Ordering::Acquire).wrapping_sub(pos) as isize;
-            if turn == 0 {
-                match head.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed)
-                {
-                    Ok(_) => {
-                        self.cells[pos % RING].obj.store(obj, Ordering::Relaxed);
-                        // Publishes the object, and what the freeing thread wrote into it.
-                        self.set_seq(pos, pos + 1);
-                        return true;
-                    }
-                    Err(now) => pos = now,
-                }
-            } else if turn < 0 {
+            // Acquire: the owner read every cell below its tail before it published it.
+            if pos.wrapping_sub(self.tail.load(Ordering::Acquire)) >= RING {
                 // The cell still holds the object of position `pos - RING`.
                 return false;
-            } else {
-                // Another producer claimed `pos` meanwhile.
-                pos = head.load(Ordering::Relaxed);
+            }
+            match head.compare_exchange_weak(pos, pos + 1, Ordering::Relaxed, Ordering::Relaxed) {
+                Ok(_) => {
+                    self.cells[pos % RING].obj.store(obj, Ordering::Relaxed);
+                    // Publishes the object, and what the freeing thread wrote into it.
+                    self.set_seq(pos, pos + 1);
+                    return true;
+                }
+                Err(now) => pos = now,
             }
         }
     }
@@ -210,7 +197,7 @@ impl RemoteQueue {
     /// As for [`push`](Self::push).
     #[cold]
     unsafe fn push_stack(&self, links: &impl Links, obj: usize) {
-        let top = &self.producers.top;
+        let top = &self.top;
         let mut old = top.load(Ordering::Relaxed);
         loop {
             // SAFETY: the caller's guarantee; the object is on no list until the CAS.
@@ -226,8 +213,7 @@ impl RemoteQueue {
     #[inline]
     pub(crate) fn is_empty(&self) -> bool {
         let tail = self.tail.load(Ordering::Relaxed);
-        self.producers.top.load(Ordering::Relaxed) == 0
-            && self.seq(tail, Ordering::Relaxed) != tail + 1
+        self.top.load(Ordering::Relaxed) == 0 && self.seq(tail, Ordering::Relaxed) != tail + 1
     }
 
     /// Hands every object pushed so far to `f` (up to a producer that has claimed a cell
@@ -240,10 +226,10 @@ impl RemoteQueue {
     pub(crate) unsafe fn collect(&self, links: &impl Links, mut f: impl FnMut(usize)) -> usize {
         let mut n = 0;
         let mut tail = self.tail.load(Ordering::Relaxed);
-        while self.seq(tail, Ordering::Acquire) == tail + 1 {
+        let start = tail;
+        // At most one lap: producers wait for the new tail before they reuse a cell.
+        while tail - start < RING && self.seq(tail, Ordering::Acquire) == tail + 1 {
             let obj = self.cells[tail % RING].obj.load(Ordering::Relaxed);
-            // Frees the cell for the next lap, after the read above.
-            self.set_seq(tail, tail + RING);
             tail += 1;
             // 0: abandoned by a thread that `fork` left behind (`repair_after_fork`).
             if obj != 0 {
@@ -251,8 +237,9 @@ impl RemoteQueue {
                 n += 1;
             }
         }
-        self.tail.store(tail, Ordering::Relaxed);
-        let top = &self.producers.top;
+        // Frees the cells read above for the next lap (release: after those reads).
+        self.tail.store(tail, Ordering::Release);
+        let top = &self.top;
         if top.load(Ordering::Relaxed) != 0 {
             let first = top.swap(0, Ordering::Acquire);
             // SAFETY: the list was just taken from this queue's stack; the caller's
@@ -274,7 +261,7 @@ impl RemoteQueue {
     /// Call only in the child of `fork`, before it starts threads: no push or collect may
     /// be in progress.
     pub(crate) unsafe fn repair_after_fork(&self) {
-        let head = self.producers.head.load(Ordering::Relaxed);
+        let head = self.head.load(Ordering::Relaxed);
         let mut at = self.tail.load(Ordering::Relaxed);
         while at != head {
             if self.seq(at, Ordering::Relaxed) == at {
@@ -363,9 +350,9 @@ mod tests {
 
     /// Claims the ring's next position as a producer does, without writing it yet.
     fn claim(queue: &RemoteQueue) -> usize {
-        let pos = queue.producers.head.load(Ordering::Relaxed);
+        let pos = queue.head.load(Ordering::Relaxed);
         assert_eq!(queue.seq(pos, Ordering::Relaxed), pos, "cell free");
-        queue.producers.head.store(pos + 1, Ordering::Relaxed);
+        queue.head.store(pos + 1, Ordering::Relaxed);
         pos
     }
 
