@@ -1,8 +1,9 @@
 //! Remote frees: objects freed on a CPU that does not own their slab, on their way to the
 //! owner.
 //!
-//! Each CPU heap has one queue with two parts: a bounded ring of object addresses (Dmitry
-//! Vyukov's bounded queue, many producers and one consumer) and, for when the ring is
+//! Each CPU heap has one queue with two parts: a bounded ring of object addresses (many
+//! producers claim positions with a compare-and-swap and publish each cell with a
+//! sequence number, as in Dmitry Vyukov's bounded queue; one consumer) and, for when the ring is
 //! full, an unbounded lock-free stack of objects linked through their first word (the
 //! object is free, so its bytes are the allocator's): snmalloc's message queues and
 //! mimalloc's thread-delayed free lists in their simplest form.
