@@ -76,6 +76,31 @@ fn freed_blocks_wait_in_the_cache_and_count_as_free() {
     }
 }
 
+/// Allocates up to `n` blocks of every order and frees them, checking after each order
+/// that no CPU's cache holds more than `limit` bytes; `each` sees each order's snapshot.
+fn churn_every_order(
+    pool: &PagePool,
+    n: usize,
+    limit: u64,
+    what: &str,
+    mut each: impl FnMut(u8, &pagepool::Stats),
+) {
+    for order in 0..10u8 {
+        let blocks: Vec<_> = (0..n).map_while(|_| pool.alloc(order).ok()).collect();
+        for b in blocks {
+            pool.free(b);
+        }
+        let s = pool.stats();
+        for (cpu, &bytes) in s.cpu_cache_bytes_per_cpu.iter().enumerate() {
+            assert!(
+                bytes <= limit,
+                "{what}: cpu {cpu} holds {bytes} B, over its {limit} B:\n{s}"
+            );
+        }
+        each(order, &s);
+    }
+}
+
 #[test]
 fn caches_are_bounded_in_bytes_per_cpu() {
     for mode in modes() {
@@ -85,19 +110,7 @@ fn caches_are_bounded_in_bytes_per_cpu() {
                 .cpu_cache_bytes(budget)
                 .build()
                 .unwrap();
-            for order in 0..10u8 {
-                let blocks: Vec<_> = (0..100).map_while(|_| pool.alloc(order).ok()).collect();
-                for b in blocks {
-                    pool.free(b);
-                }
-                let s = pool.stats();
-                for (cpu, &bytes) in s.cpu_cache_bytes_per_cpu.iter().enumerate() {
-                    assert!(
-                        bytes <= budget as u64,
-                        "cpu {cpu} holds {bytes} B over a {budget} B budget:\n{s}"
-                    );
-                }
-            }
+            churn_every_order(&pool, 100, budget as u64, "budget", |_, _| {});
             assert_all_free(&pool);
         }
     }
@@ -115,22 +128,11 @@ fn a_small_pool_caps_each_cache_at_its_share_of_half_the_pool() {
             let cpus = pool.stats().cpu_cache_bytes_per_cpu.len() as u64;
             assert!(cpus >= 1);
             let share = capacity / 2 / cpus;
-            for order in 0..10u8 {
-                let blocks: Vec<_> = (0..64).map_while(|_| pool.alloc(order).ok()).collect();
-                for b in blocks {
-                    pool.free(b);
-                }
-                let s = pool.stats();
-                for (cpu, &bytes) in s.cpu_cache_bytes_per_cpu.iter().enumerate() {
-                    assert!(
-                        bytes <= share,
-                        "{chunks} chunks: cpu {cpu} holds {bytes} B, over its {share} B share:\n{s}"
-                    );
-                }
+            churn_every_order(&pool, 64, share, &format!("{chunks} chunks"), |order, s| {
                 if order == 0 && share >= 4096 {
                     assert!(s.cpu_cache_bytes > 0, "the caches still serve:\n{s}");
                 }
-            }
+            });
             assert_all_free(&pool);
         }
     }

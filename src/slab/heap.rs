@@ -482,9 +482,9 @@ impl Locked<'_> {
             return 0;
         }
         let links = ObjectLinks(self.slab);
-        // SAFETY: we hold the heap lock, so we are the queue's one collector; its stack
-        // links live in the objects' first words, and `collect` reads each link before
-        // `put_back` rewrites it.
+        // The heap lock makes us the queue's one collector; `collect` reads each stack link
+        // (an object's first word) before `put_back` rewrites it.
+        // SAFETY: as just said.
         let n = unsafe { heap.remote.collect(&links, |obj| self.put_back(obj)) };
         add(&heap.counters.collected, n as u64);
         n
