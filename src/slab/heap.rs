@@ -32,6 +32,8 @@
 
 use std::ptr;
 
+use crossbeam_utils::CachePadded;
+
 use super::SlabAlloc;
 use super::classes::{CLASSES, GRANULE_SHIFT, INFO, MAX_SLAB_ORDER, SLAB_MIN_ORDER};
 use super::fatal;
@@ -54,9 +56,9 @@ pub(crate) const FRESH: u64 = 1;
 
 /// One CPU's heap; see the module docs.
 pub(crate) struct Heap {
-    /// Objects freed on other CPUs, waiting for this heap (its own cache lines: every
-    /// other CPU may write it).
-    pub(crate) remote: RemoteQueue,
+    /// Objects freed on other CPUs, waiting for this heap (its own cache lines, the last
+    /// padded too: every other CPU may write them).
+    pub(crate) remote: CachePadded<RemoteQueue>,
     pub(crate) state: Mutex<HeapState>,
     pub(crate) counters: HeapCounters,
     /// When this CPU was last seen active (`now_ms`), for the idle release; written only
@@ -120,7 +122,7 @@ pub(crate) fn add(counter: &AtomicU64, delta: u64) {
 impl Heap {
     pub(crate) fn new() -> Self {
         Self {
-            remote: RemoteQueue::new(),
+            remote: CachePadded::new(RemoteQueue::new()),
             state: Mutex::new(HeapState {
                 bins: [[0; BINS]; CLASSES],
                 spares: [0; SPARE_ORDERS],
