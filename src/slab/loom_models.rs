@@ -7,7 +7,8 @@
 //!   while the owner collects it. The ring has two cells under loom, so pushes also
 //!   overflow to the stack; links are loom cells, so a push whose link write is not
 //!   published by its compare-and-swap, or a walk that reads a link before the swap, fails
-//!   the model, as does a cell reused before the owner read it. Every object is collected
+//!   the model, as does a cell reused before the owner read it (the owner's tail published
+//!   too early, or without release and acquire). Every object is collected
 //!   exactly once, including one whose producer stalled between claiming a cell and
 //!   writing it (the first collection stops there, the second finds it).
 //! - `a_free_races_a_drain_of_its_cpu`: the real layer over a heap-backed pool, one CPU
