@@ -28,7 +28,7 @@ use crate::FRAME_SIZE;
 use crate::config::CpuCacheMode;
 use crate::frame_table::{FrameIdx, FrameState, FreeClass};
 use crate::os::mapping::{Backing, MetaArray};
-use crate::percpu::{CpuCacheImpl, PerCpuStacks};
+use crate::percpu::{CpuCacheImpl, PerCpuStacks, possible_cpus};
 use crate::shard::{ORDERS, PREFER_RESIDENT};
 use crate::sync::{AtomicU32, Ordering};
 
@@ -48,14 +48,6 @@ fn batch(capacity: usize) -> usize {
 /// the small orders need dozens: such a pool ran a random 4 KiB-2 MiB mix 2.3-2.5x slower
 /// on one thread than with `max_order` 9, and slower on two threads than on one.
 const LARGEST_CACHED_SHARE: usize = 4;
-
-/// A CPU's cache budget in a pool of `capacity` bytes: the configured `bytes`, but no more
-/// than every possible CPU's share of half the pool, so the caches cannot hold most of a
-/// small pool (their refills would move a large part of it at a time, and an allocation
-/// would often find the shards empty and drain every cache first).
-pub(crate) fn budget(bytes: usize, capacity: usize) -> usize {
-    bytes.min(capacity / 2 / crate::percpu::possible_cpus())
-}
 
 /// Blocks per CPU for each cached order, so that a CPU holds at most `bytes`: first one
 /// block of each order, smallest first, while the budget allows (so even the largest
@@ -119,11 +111,16 @@ pub(crate) struct CpuCaches {
 }
 
 impl CpuCaches {
-    /// Caches of `bytes` per CPU for a pool of `max_order`, or `None` when the mode is off
-    /// or the budget holds no block.
+    /// Caches of `bytes` per CPU for a pool of `capacity` bytes and `max_order`, or `None`
+    /// when the mode is off or the budget holds no block.
+    ///
+    /// A CPU gets no more than every possible CPU's share of half the pool, so the caches
+    /// cannot hold most of a small pool (their refills would move a large part of it at a
+    /// time, and an allocation would often find the shards empty and drain every cache).
     pub(crate) fn new(
         mode: CpuCacheMode,
         bytes: usize,
+        capacity: usize,
         max_order: u8,
         backing: Backing,
     ) -> std::io::Result<Option<Self>> {
@@ -132,11 +129,12 @@ impl CpuCaches {
             CpuCacheMode::Portable => CpuCacheImpl::Portable,
             CpuCacheMode::Rseq | CpuCacheMode::Auto => CpuCacheImpl::Rseq,
         };
-        let caps = capacities(bytes, max_order);
+        let cpus = possible_cpus();
+        let caps = capacities(bytes.min(capacity / 2 / cpus), max_order);
         if caps.is_empty() {
             return Ok(None);
         }
-        let stacks = PerCpuStacks::new(&caps, want, backing)?;
+        let stacks = PerCpuStacks::with_cpus(&caps, cpus, want, backing)?;
         if mode.resolve() == CpuCacheMode::Rseq && stacks.implementation() != CpuCacheImpl::Rseq {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Unsupported,

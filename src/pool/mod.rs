@@ -117,7 +117,8 @@ impl PoolCore {
         .map_err(BuildError::Map)?;
         let cpu = cpu_cache::CpuCaches::new(
             config.cpu_cache,
-            cpu_cache::budget(config.cpu_cache_bytes, resolved.capacity),
+            config.cpu_cache_bytes,
+            resolved.capacity,
             resolved.max_order,
             config.backing,
         )
